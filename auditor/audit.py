@@ -1,0 +1,332 @@
+"""Orchestration: a validated pipeline in, an :class:`AuditResult` out.
+
+    result = estimate(load_pipeline("pipeline.yaml"))
+    result.to_dict()          # the numbers, as written to results.json
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import os
+import platform
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from . import __version__
+from .behaviors import EvalData, aggregate, behavior_fn, load_eval_data
+from .checkpoints import load_momentum, load_params, load_tensors
+from .errors import AuditorError
+from .estimators import ESTIMATORS, all_forms, embedding
+from .fidelity import compare
+from .pipeline import Pipeline, load_pipeline
+from .propagation import propagation_coefficients
+
+Progress = Callable[[str, float], None]
+
+
+@dataclass
+class AuditConfig:
+    """Settings of one audit.
+
+    device: "auto" (CUDA when available, else CPU), "cpu" or "cuda[:i]".
+    dtype: "float64" (default: the exactness checks need it) or "float32".
+    eval_chunk: evaluation examples per forward pass (None = all at once).
+    build: build missing sample artifacts with the YAML's build.factory.
+    """
+
+    device: str = "auto"
+    dtype: str = "float64"
+    eval_chunk: int | None = 4096
+    build: bool = True
+    top_examples: int = 5
+
+    def __post_init__(self):
+        if self.dtype not in ("float64", "float32"):
+            raise AuditorError(f"dtype {self.dtype!r}; expected 'float64' or 'float32'", where="config.dtype")
+        if self.eval_chunk is not None and self.eval_chunk < 1:
+            raise AuditorError(f"eval_chunk {self.eval_chunk}; expected a positive integer or None",
+                               where="config.eval_chunk")
+        if not (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda")):
+            raise AuditorError(f"device {self.device!r}; expected 'auto', 'cpu' or 'cuda[:i]'", where="config.device")
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise AuditorError(f"device {self.device!r} requested but CUDA is not available", where="config.device")
+        return torch.device(self.device)
+
+
+@dataclass
+class InputRecord:
+    role: str
+    path: Path
+    sha256: str
+    bytes: int
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class AuditResult:
+    """The numbers of one audit. ``data`` is the JSON-able dict (docs/DESIGN.md);
+    ``images`` maps behaviour name → eval inputs reshaped to images [N, H, W] where the YAML gives image_shape."""
+
+    data: dict
+    pipeline: Pipeline
+    inputs: list[InputRecord] = field(default_factory=list)
+    images: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return self.data
+
+
+def generated_at() -> str:
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    if epoch:
+        try:
+            t = _dt.datetime.fromtimestamp(int(epoch), tz=_dt.timezone.utc)
+        except ValueError:
+            raise AuditorError(f"SOURCE_DATE_EPOCH={epoch!r}; expected an integer number of seconds") from None
+    else:
+        t = _dt.datetime.now(tz=_dt.timezone.utc).replace(microsecond=0)
+    return t.isoformat().replace("+00:00", "Z")
+
+
+def _norm(d: dict[str, torch.Tensor]) -> float:
+    return float(torch.sqrt(sum((v.double() ** 2).sum() for v in d.values())))
+
+
+def _sub(a: dict, b: dict) -> dict:
+    return {p: a[p] - b[p] for p in a}
+
+
+def _num(x) -> float | None:
+    if x is None:
+        return None
+    x = float(x)
+    return x if np.isfinite(x) else None
+
+
+def estimate(pipeline: Pipeline | str | Path, config: AuditConfig | None = None,
+             progress: Progress | None = None) -> AuditResult:
+    """Run the AA estimators (naive, linear, midpoint, shifted) for every stage and behaviour."""
+    if not isinstance(pipeline, Pipeline):
+        pipeline = load_pipeline(pipeline)
+    config = config or AuditConfig()
+    say = progress or (lambda msg, frac: None)
+    if config.build:
+        pipeline.ensure_artifacts(progress)
+    pipeline.check_files()
+    device, dtype = config.torch_device(), getattr(torch, config.dtype)
+
+    inputs: list[InputRecord] = []
+
+    def record(role: str, path: Path):
+        if all(r.path != path for r in inputs):
+            inputs.append(InputRecord(role, path, sha256_file(path), path.stat().st_size))
+
+    record("pipeline", pipeline.path.resolve())
+    model = pipeline.build_model().to(device=device, dtype=dtype)
+    names = [n for n, _ in model.named_parameters()]
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+    schedules = pipeline.load_schedules(names)
+    for s in pipeline.stages:
+        record(f"log:{s.name}", s.log)
+
+    K = len(pipeline.stages)
+    last = pipeline.stages[-1]
+    theta_T = load_params(last.end_checkpoint, names, shapes, dtype=dtype, device=device)
+    final_sd = load_tensors(last.end_checkpoint)
+    buffers = {n: final_sd[n].to(device) if n in final_sd else b for n, b in model.named_buffers()}
+    buffers = {n: (b.to(dtype) if b.is_floating_point() else b) for n, b in buffers.items()}
+
+    # ---- stage embeddings -------------------------------------------------------------------
+    say("loading checkpoints and propagating stage differences", 0.05)
+    starts, deltas, embeds, coeffs_all, dmoms = [], [], [], [], []
+    for k, s in enumerate(pipeline.stages):
+        record(f"checkpoint:{s.name}:start", s.start_checkpoint)
+        record(f"checkpoint:{s.name}:end", s.end_checkpoint)
+        a = load_params(s.start_checkpoint, names, shapes, dtype=dtype, device=device)
+        b = theta_T if k == K - 1 else load_params(s.end_checkpoint, names, shapes, dtype=dtype, device=device)
+        delta = _sub(b, a)
+        if s.optimizer == "sgd":
+            if s.optimizer_state is not None:
+                record(f"optimizer_state:{s.name}", s.optimizer_state)
+            m_b = load_momentum(s.optimizer_state, names, shapes, dtype=dtype, device=device)
+            prev = pipeline.stages[k - 1] if k > 0 else None
+            m_a = load_momentum(None if s.reset else prev.optimizer_state, names, shapes, dtype=dtype, device=device)
+            dmom = _sub(m_b, m_a)
+        else:  # AdamW: a carried Adam-state difference is neglected (ESTIMATORS.md §3.1)
+            dmom = {n: torch.zeros_like(delta[n]) for n in names}
+        coeffs = propagation_coefficients(schedules, k, names)
+        starts.append(a)
+        deltas.append(delta)
+        dmoms.append(dmom)
+        coeffs_all.append(coeffs)
+        embeds.append(embedding(delta, dmom, coeffs))
+
+    weight_norm = _norm(theta_T)
+    stage_rows = []
+    for k, (s, sched) in enumerate(zip(pipeline.stages, schedules)):
+        later_motion = _norm({n: theta_T[n] - starts[k][n] - deltas[k][n] for n in names})  # ‖θ_T − θ_{b_k}‖
+        stage_rows.append({
+            "name": s.name, "description": s.description, "owner": s.owner, "optimizer": s.optimizer,
+            "nesterov": s.nesterov, "reset": s.reset, "first_step": sched.first_step, "end_step": sched.end_step,
+            "n_steps": sched.n_steps, "groups": sched.groups,
+            "param_groups": {g.name: g.patterns for g in s.param_groups},
+            "alpha": {n: coeffs_all[k][n][0] for n in names}, "beta": {n: coeffs_all[k][n][1] for n in names},
+            "delta_norm": _norm(deltas[k]), "momentum_delta_norm": _norm(dmoms[k]),
+            "embedding_norm": _norm(embeds[k]), "weight_norm": weight_norm,
+            "later_motion_norm": later_motion,
+            "schedule": {g: {"step": list(range(sched.first_step, sched.end_step)),
+                             "lr": sched.lr[:, j].tolist(), "momentum": sched.momentum[:, j].tolist(),
+                             "weight_decay": sched.weight_decay[:, j].tolist()}
+                         for j, g in enumerate(sched.groups)},
+            "counterfactual_checkpoint": str(s.counterfactual_checkpoint) if s.counterfactual_checkpoint else None,
+        })
+
+    cf_params = {}
+    for s in pipeline.stages:
+        if s.counterfactual_checkpoint is not None:
+            record(f"truth:{s.name}", s.counterfactual_checkpoint)
+            cf_params[s.name] = load_params(s.counterfactual_checkpoint, names, shapes, dtype=dtype, device=device)
+
+    # ---- behaviours -------------------------------------------------------------------------
+    behaviours, images = [], {}
+    n_b = len(pipeline.behaviors)
+    for i, b in enumerate(pipeline.behaviors):
+        say(f"behaviour {b.name}", 0.1 + 0.85 * i / n_b)
+        if "file" in b.data:
+            record(f"eval_data:{b.name}", b.data["file"])
+        data = load_eval_data(pipeline, b, i)
+        data = EvalData(x=data.x.to(device=device, dtype=dtype if data.x.is_floating_point() else data.x.dtype),
+                        y=data.y.to(device), ids=data.ids)
+        user_fn = pipeline.resolve(b.callable, f"behaviors[{i}].callable") if b.kind == "callable" else None
+        f = behavior_fn(model, b, data, buffers, user_fn, config.eval_chunk)
+        with torch.no_grad():
+            f_T = f(theta_T)
+        per_ex = {"ids": data.ids.tolist(), "labels": data.y.cpu().tolist(), "factual": f_T.cpu().tolist(),
+                  "effects": {}, "truth": {}}
+        effects, truth, fid = {}, {}, {}
+        for k, s in enumerate(pipeline.stages):
+            forms = all_forms(f, theta_T, embeds[k], deltas[k], f_T, b.differentiable)
+            effects[s.name] = {e: (aggregate(v, b.aggregate) if v is not None else None) for e, v in forms.items()}
+            per_ex["effects"][s.name] = {e: (v.cpu().tolist() if v is not None else None) for e, v in forms.items()}
+            if s.name in cf_params:
+                with torch.no_grad():  # the truth: f(θ_T) − f(θ_T^(−k)), from the retrained parameters
+                    t = f_T - f(cf_params[s.name])
+                truth[s.name] = aggregate(t, b.aggregate)
+                per_ex["truth"][s.name] = t.cpu().tolist()
+                tv = t.cpu().numpy()
+                fid[s.name] = {e: compare(v.cpu().numpy(), tv, effects[s.name][e], truth[s.name])
+                               for e, v in forms.items() if v is not None}
+            else:
+                truth[s.name] = None
+                per_ex["truth"][s.name] = None
+        primary = {s: effects[s]["shifted"] for s in effects}
+        total = sum(abs(v) for v in primary.values())
+        behaviours.append({
+            "name": b.name, "description": b.description, "kind": b.kind, "class": b.cls,
+            "aggregate": b.aggregate, "n_examples": len(data.y), "differentiable": b.differentiable,
+            "factual": aggregate(f_T, b.aggregate), "effects": effects, "truth": truth,
+            "share": {s: (v / total if total > 0 else 0.0) for s, v in primary.items()},
+            "fidelity": fid, "per_example": per_ex,
+            "diagnostics": _diagnostics(effects, stage_rows),
+        })
+        if b.image_shape is not None:
+            images[b.name] = data.x.detach().cpu().double().reshape(len(data.y), *b.image_shape[-2:]).numpy()
+
+    say("summarising", 0.97)
+    data = {
+        "format": 1,
+        "auditor_version": __version__,
+        "system": pipeline.system,
+        "pipeline": {"path": str(pipeline.path), "sha256": inputs[0].sha256},
+        "generated_at": generated_at(),
+        "device": str(device), "dtype": config.dtype,
+        "estimators": list(ESTIMATORS), "primary_estimator": "shifted",
+        "stages": stage_rows,
+        "behaviors": behaviours,
+        "summary": _summary(behaviours),
+        "reviewers": pipeline.reviewers,
+        "seeds": pipeline.seeds,
+        "versions": {"auditor": __version__, "torch": torch.__version__, "numpy": np.__version__,
+                     "python": sys.version.split()[0], "platform": platform.platform(terse=True)},
+    }
+    _sanitize(data)
+    return AuditResult(data=data, pipeline=pipeline, inputs=inputs, images=images)
+
+
+TRUST_GAP = 0.25  # |linear − shifted| / (|linear| + |shifted|) above this: the effect is not first-order
+TRUST_MOTION = 1.0  # later training moved the weights farther than the stage itself did
+
+
+def _diagnostics(effects: dict, stage_rows: list[dict]) -> dict:
+    """Linearization diagnostics per stage, computed without retraining.
+
+    linear_shifted_gap: |τ̂ − τ̃| / (|τ̂| + |τ̃|) on the aggregate (0 when f is linear along e_k);
+    relative_displacement: ‖e_k‖ / ‖θ_T‖;
+    later_motion: ‖θ_T − θ_{b_k}‖ / ‖Δ_k‖, how far later training moved the weights relative to the
+    stage's own displacement — AA ignores how later gradients respond to the stage, so large
+    later motion means large unmodelled curvature effects.
+    """
+    out = {}
+    for row in stage_rows:
+        e = effects[row["name"]]
+        lin, sh = e.get("linear"), e["shifted"]
+        gap = abs(lin - sh) / (abs(lin) + abs(sh)) if lin is not None and (abs(lin) + abs(sh)) > 0 else None
+        motion = row["later_motion_norm"] / row["delta_norm"] if row["delta_norm"] > 0 else 0.0
+        reasons = []
+        if gap is not None and gap > TRUST_GAP:
+            reasons.append(f"linear and shifted forms differ by {gap:.0%} (nonlinear along the embedding)")
+        if motion > TRUST_MOTION:
+            reasons.append(f"later stages moved the weights {motion:.1f}× as far as this stage did "
+                           "(curvature effects unmodelled)")
+        out[row["name"]] = {"linear_shifted_gap": gap, "relative_displacement": row["embedding_norm"] / row["weight_norm"],
+                            "later_motion": motion, "trusted": not reasons, "reason": "; ".join(reasons)}
+    return out
+
+
+def _summary(behaviours: list[dict]) -> list[dict]:
+    out = []
+    for b in behaviours:
+        eff = {s: v["shifted"] for s, v in b["effects"].items()}
+        stage = max(eff, key=lambda s: abs(eff[s]))
+        t = b["truth"].get(stage)
+        truth_top = None
+        if all(v is not None for v in b["truth"].values()):
+            truth_top = max(b["truth"], key=lambda s: abs(b["truth"][s]))
+        out.append({"behavior": b["name"], "stage": stage, "direction": "raised" if eff[stage] > 0 else "lowered",
+                    "effect": eff[stage], "share": b["share"][stage],
+                    "truth": t, "truth_agrees": None if truth_top is None else
+                    bool(truth_top == stage and np.sign(b["truth"][stage]) == np.sign(eff[stage]))})
+    return out
+
+
+def _sanitize(obj):
+    """Replace non-finite floats by None in place (JSON has no NaN)."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if isinstance(v, float):
+                obj[k] = _num(v)
+            else:
+                _sanitize(v)
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            if isinstance(v, float):
+                obj[i] = _num(v)
+            else:
+                _sanitize(v)

@@ -1,0 +1,70 @@
+"""Loading state dicts and optimizer states without unpickling untrusted data.
+
+safetensors files are read with ``safetensors.torch.load_file``; ``.pt`` files only with
+``torch.load(weights_only=True)``, which refuses arbitrary pickled objects.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .errors import AuditorError
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A flat ``{name: tensor}`` mapping from a safetensors or ``.pt`` file."""
+    path = Path(path)
+    if not path.is_file():
+        raise AuditorError("file not found", where=str(path))
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return dict(load_file(str(path)))
+        if path.suffix in (".pt", ".pth", ".bin"):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+                raise AuditorError("expected a flat state dict {name: tensor}", where=str(path))
+            return dict(obj)
+    except AuditorError:
+        raise
+    except Exception as exc:  # safetensors / torch raise a variety of types on corrupt files
+        raise AuditorError(f"cannot read tensors ({exc.__class__.__name__}: {str(exc).splitlines()[0][:200]})",
+                           where=str(path)) from None
+    raise AuditorError(f"unknown checkpoint extension {path.suffix!r}; expected .safetensors or .pt", where=str(path))
+
+
+def load_params(path: Path, names: list[str], shapes: dict[str, torch.Size], *, dtype: torch.dtype,
+                device: torch.device) -> dict[str, torch.Tensor]:
+    """The model parameters ``names`` from a checkpoint, checked against the model's shapes."""
+    sd = load_tensors(path)
+    missing = [n for n in names if n not in sd]
+    if missing:
+        raise AuditorError(f"parameter {missing[0]!r} is missing ({len(missing)} missing); expected the keys of "
+                           "model.state_dict()", where=str(path))
+    for n in names:
+        if tuple(sd[n].shape) != tuple(shapes[n]):
+            raise AuditorError(f"parameter {n!r} has shape {tuple(sd[n].shape)}; the model expects "
+                               f"{tuple(shapes[n])}", where=str(path))
+        if not torch.isfinite(sd[n]).all():
+            raise AuditorError(f"parameter {n!r} holds NaN or inf", where=str(path))
+    return {n: sd[n].to(device=device, dtype=dtype) for n in names}
+
+
+def load_momentum(path: Path | None, names: list[str], shapes: dict[str, torch.Size], *, dtype: torch.dtype,
+                  device: torch.device) -> dict[str, torch.Tensor]:
+    """SGD momentum buffers (``momentum_buffer.<param>``); zeros where absent or when ``path`` is None."""
+    sd = load_tensors(path) if path is not None else {}
+    out = {}
+    for n in names:
+        t = sd.get(f"momentum_buffer.{n}")
+        if t is None:
+            out[n] = torch.zeros(shapes[n], dtype=dtype, device=device)
+            continue
+        if tuple(t.shape) != tuple(shapes[n]):
+            raise AuditorError(f"momentum_buffer.{n} has shape {tuple(t.shape)}; expected {tuple(shapes[n])}",
+                               where=str(path))
+        out[n] = t.to(device=device, dtype=dtype)
+    return out

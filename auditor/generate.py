@@ -1,0 +1,119 @@
+"""`auditor generate` as a library call: audit → gates → report files → (signature).
+
+Everything is written into a temporary folder beside the output folder and moved into place
+only when all of it succeeded, so a failure leaves no half-written report.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .audit import AuditConfig, AuditResult, Progress, estimate
+from .errors import AuditorError
+from .pipeline import load_pipeline
+
+FORMATS = ("html", "pdf", "json")
+OUTPUT_NAMES = ("report.html", "report.pdf", "results.json", "manifest.json", "manifest.sig", "attestation.dsse.json")
+
+
+@dataclass
+class GenerateConfig:
+    """What to write and how. ``formats``: any of html, pdf, json. ``page_size``: A4 or Letter."""
+
+    out_dir: Path = Path("report")
+    formats: tuple[str, ...] = FORMATS
+    page_size: str = "A4"
+    sign_key: Path | None = None
+    passphrase: bytes | None = None
+    audit: AuditConfig = field(default_factory=AuditConfig)
+
+    def __post_init__(self):
+        self.out_dir = Path(self.out_dir)
+        bad = [f for f in self.formats if f not in FORMATS]
+        if bad or not self.formats:
+            raise AuditorError(f"format {bad[0] if bad else '(none)'!r}; expected one or more of {', '.join(FORMATS)}",
+                               where="--format")
+        if self.page_size not in ("A4", "Letter"):
+            raise AuditorError(f"page size {self.page_size!r}; expected A4 or Letter", where="--page-size")
+        if self.sign_key is not None and not Path(self.sign_key).is_file():
+            raise AuditorError("file not found (expected an Ed25519 private key PEM made by `auditor keygen`)",
+                               where=str(self.sign_key))
+
+
+@dataclass
+class GenerateOutcome:
+    result: AuditResult
+    files: dict[str, Path]
+    gates: list[dict]
+    decision: str
+
+    @property
+    def exit_code(self) -> int:
+        return 3 if any(g["status"] == "FAIL" for g in self.gates) else 0
+
+
+def _inputs_table(result: AuditResult) -> list[dict]:
+    root = result.pipeline.root
+    rows = []
+    for r in result.inputs:
+        try:
+            rel = r.path.resolve().relative_to(root).as_posix()
+        except ValueError:
+            rel = str(r.path.resolve())
+        rows.append({"role": r.role, "path": rel, "sha256": r.sha256, "bytes": r.bytes})
+    return rows
+
+
+def report_id(inputs: list[dict], version: str) -> str:
+    """A stable identifier: the same inputs and tool version give the same ID."""
+    h = hashlib.sha256(version.encode())
+    for r in sorted(inputs, key=lambda r: r["path"]):
+        h.update(f"{r['path']}\0{r['sha256']}\n".encode())
+    return "AUD-" + h.hexdigest()[:12].upper()
+
+
+def generate(pipeline_path: str | Path, config: GenerateConfig | None = None,
+             progress: Progress | None = None) -> GenerateOutcome:
+    from .gates import decision as gate_decision
+    from .gates import evaluate_gates
+    from .report import render_report
+
+    config = config or GenerateConfig()
+    pipeline = load_pipeline(pipeline_path)
+    result = estimate(pipeline, config.audit, progress)
+    data = result.data
+    gates = evaluate_gates(pipeline.policy, data)
+    data["gates"] = gates
+    data["decision"] = gate_decision(gates)
+    data["inputs"] = _inputs_table(result)
+    data["inputs_root"] = str(pipeline.root)
+    data["report_id"] = report_id(data["inputs"], data["auditor_version"])
+
+    out = config.out_dir
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".auditor-", dir=out.parent))
+    try:
+        if progress:
+            progress("rendering the report", 0.98)
+        files = render_report(data, tmp, formats=config.formats, page_size=config.page_size, images=result.images)
+        if config.sign_key is not None:
+            from .signing import sign_report_dir
+
+            if progress:
+                progress("signing", 0.99)
+            extra = sign_report_dir(tmp, files, data["inputs"], data, config.sign_key, config.passphrase)
+            files = {**files, **(extra if isinstance(extra, dict) else {})}
+        out.mkdir(parents=True, exist_ok=True)
+        for name in OUTPUT_NAMES:  # a previous run's files would otherwise sit beside the new ones
+            (out / name).unlink(missing_ok=True)
+        for item in sorted(tmp.iterdir()):
+            os.replace(item, out / item.name)
+        files = {k: out / Path(v).name for k, v in files.items()}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return GenerateOutcome(result=result, files=files, gates=gates, decision=data["decision"])
