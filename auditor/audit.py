@@ -11,6 +11,7 @@ import hashlib
 import os
 import platform
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -38,13 +39,15 @@ class AuditConfig:
     dtype: "float64" (default: the exactness checks need it) or "float32".
     eval_chunk: evaluation examples per forward pass (None = all at once).
     build: build missing sample artifacts with the YAML's build.factory.
+    retrain: compute the truth by replaying later stages (training.replay) instead of reading the
+        stages' counterfactual_checkpoint files.
     """
 
     device: str = "auto"
     dtype: str = "float64"
     eval_chunk: int | None = 4096
     build: bool = True
-    top_examples: int = 5
+    retrain: bool = False
 
     def __post_init__(self):
         if self.dtype not in ("float64", "float32"):
@@ -88,6 +91,7 @@ class AuditResult:
     pipeline: Pipeline
     inputs: list[InputRecord] = field(default_factory=list)
     images: dict[str, np.ndarray] = field(default_factory=dict)
+    timing: dict[str, float] = field(default_factory=dict)  # seconds; kept out of ``data`` (reproducible bytes)
 
     def to_dict(self) -> dict:
         return self.data
@@ -199,8 +203,17 @@ def estimate(pipeline: Pipeline | str | Path, config: AuditConfig | None = None,
         })
 
     cf_params = {}
+    timing = {"estimate_s": 0.0}
+    truth_source = "counterfactual checkpoints"
+    if config.retrain:
+        from .retrain import retrain_counterfactuals
+
+        retrained, timing["retrain_s"] = retrain_counterfactuals(pipeline, model, progress)
+        cf_params = {name: {n: sd[n].to(device=device, dtype=dtype) for n in names} for name, sd in retrained.items()}
+        truth_source = "retraining (training.replay)"
+    t_est = time.perf_counter()
     for s in pipeline.stages:
-        if s.counterfactual_checkpoint is not None:
+        if s.name not in cf_params and s.counterfactual_checkpoint is not None:
             record(f"truth:{s.name}", s.counterfactual_checkpoint)
             cf_params[s.name] = load_params(s.counterfactual_checkpoint, names, shapes, dtype=dtype, device=device)
 
@@ -249,6 +262,7 @@ def estimate(pipeline: Pipeline | str | Path, config: AuditConfig | None = None,
         if b.image_shape is not None:
             images[b.name] = data.x.detach().cpu().double().reshape(len(data.y), *b.image_shape[-2:]).numpy()
 
+    timing["estimate_s"] += time.perf_counter() - t_est
     say("summarising", 0.97)
     data = {
         "format": 1,
@@ -257,7 +271,7 @@ def estimate(pipeline: Pipeline | str | Path, config: AuditConfig | None = None,
         "pipeline": {"path": str(pipeline.path), "sha256": inputs[0].sha256},
         "generated_at": generated_at(),
         "device": str(device), "dtype": config.dtype,
-        "estimators": list(ESTIMATORS), "primary_estimator": "shifted",
+        "estimators": list(ESTIMATORS), "primary_estimator": "shifted", "truth_source": truth_source,
         "stages": stage_rows,
         "behaviors": behaviours,
         "summary": _summary(behaviours),
@@ -267,52 +281,88 @@ def estimate(pipeline: Pipeline | str | Path, config: AuditConfig | None = None,
                      "python": sys.version.split()[0], "platform": platform.platform(terse=True)},
     }
     _sanitize(data)
-    return AuditResult(data=data, pipeline=pipeline, inputs=inputs, images=images)
+    return AuditResult(data=data, pipeline=pipeline, inputs=inputs, images=images, timing=timing)
 
 
 TRUST_GAP = 0.25  # |linear − shifted| / (|linear| + |shifted|) above this: the effect is not first-order
 TRUST_MOTION = 1.0  # later training moved the weights farther than the stage itself did
+TRUST_DISPLACEMENT = 0.3  # removing the stage moves the weights by 30% of their norm: not a small perturbation
 
 
 def _diagnostics(effects: dict, stage_rows: list[dict]) -> dict:
     """Linearization diagnostics per stage, computed without retraining.
 
     linear_shifted_gap: |τ̂ − τ̃| / (|τ̂| + |τ̃|) on the aggregate (0 when f is linear along e_k);
-    relative_displacement: ‖e_k‖ / ‖θ_T‖;
+    relative_displacement: ‖e_k‖ / ‖θ_T‖ (the estimates evaluate f at θ_T − e_k: a first-order
+    account of the stage is only credible while that is a small perturbation);
     later_motion: ‖θ_T − θ_{b_k}‖ / ‖Δ_k‖, how far later training moved the weights relative to the
     stage's own displacement — AA ignores how later gradients respond to the stage, so large
     later motion means large unmodelled curvature effects.
+
+    ``trusted`` is the verdict on the headline (shifted) estimate; ``trusted_linear`` on the linear
+    and midpoint forms, which also need f to be close to linear along e_k. The last stage has no
+    later steps, so its embedding is exact (α = 1, β = 0) and its shifted estimate is exact.
     """
     out = {}
+    last = stage_rows[-1]["name"]
     for row in stage_rows:
         e = effects[row["name"]]
         lin, sh = e.get("linear"), e["shifted"]
         gap = abs(lin - sh) / (abs(lin) + abs(sh)) if lin is not None and (abs(lin) + abs(sh)) > 0 else None
         motion = row["later_motion_norm"] / row["delta_norm"] if row["delta_norm"] > 0 else 0.0
+        disp = row["embedding_norm"] / row["weight_norm"] if row["weight_norm"] > 0 else 0.0
+        exact = row["name"] == last
         reasons = []
-        if gap is not None and gap > TRUST_GAP:
+        gap_bad = gap is not None and gap > TRUST_GAP
+        if gap_bad:
             reasons.append(f"linear and shifted forms differ by {gap:.0%} (nonlinear along the embedding)")
-        if motion > TRUST_MOTION:
+        if not exact and disp > TRUST_DISPLACEMENT:
+            reasons.append(f"removing the stage moves the weights by {disp:.0%} of their norm "
+                           "(far from the first-order regime)")
+        if not exact and motion > TRUST_MOTION:
             reasons.append(f"later stages moved the weights {motion:.1f}× as far as this stage did "
                            "(curvature effects unmodelled)")
-        out[row["name"]] = {"linear_shifted_gap": gap, "relative_displacement": row["embedding_norm"] / row["weight_norm"],
-                            "later_motion": motion, "trusted": not reasons, "reason": "; ".join(reasons)}
+        headline_ok = exact or not reasons
+        if exact:
+            reasons.insert(0, "last stage: the shifted estimate is exact")
+        out[row["name"]] = {"linear_shifted_gap": gap, "relative_displacement": disp, "later_motion": motion,
+                            "exact": exact, "trusted": headline_ok, "trusted_linear": headline_ok and not gap_bad,
+                            "reason": "; ".join(reasons)}
     return out
 
 
+def _extreme(b: dict, sign: int) -> dict | None:
+    """The stage that raised (sign=+1) or lowered (sign=−1) behaviour b most, by the primary estimate,
+    with whether the retraining truth names the same stage in the same direction."""
+    eff = {s: v["shifted"] for s, v in b["effects"].items()}
+    cands = [s for s in eff if sign * eff[s] > 0]
+    if not cands:
+        return None
+    stage = max(cands, key=lambda s: sign * eff[s])
+    agrees = None
+    if all(v is not None for v in b["truth"].values()):
+        t_stage = max(b["truth"], key=lambda s: sign * b["truth"][s])
+        agrees = bool(t_stage == stage and sign * b["truth"][stage] > 0)
+    return {"stage": stage, "effect": eff[stage], "share": b["share"][stage], "truth": b["truth"].get(stage),
+            "truth_agrees": agrees}
+
+
 def _summary(behaviours: list[dict]) -> list[dict]:
+    """Per behaviour: the most accountable stage (largest |primary effect|), and the stages that
+    raised and lowered it most."""
     out = []
     for b in behaviours:
         eff = {s: v["shifted"] for s, v in b["effects"].items()}
         stage = max(eff, key=lambda s: abs(eff[s]))
-        t = b["truth"].get(stage)
         truth_top = None
         if all(v is not None for v in b["truth"].values()):
             truth_top = max(b["truth"], key=lambda s: abs(b["truth"][s]))
         out.append({"behavior": b["name"], "stage": stage, "direction": "raised" if eff[stage] > 0 else "lowered",
-                    "effect": eff[stage], "share": b["share"][stage],
-                    "truth": t, "truth_agrees": None if truth_top is None else
-                    bool(truth_top == stage and np.sign(b["truth"][stage]) == np.sign(eff[stage]))})
+                    "effect": eff[stage], "share": b["share"][stage], "truth": b["truth"].get(stage),
+                    "truth_agrees": None if truth_top is None else
+                    bool(truth_top == stage and np.sign(b["truth"][stage]) == np.sign(eff[stage])),
+                    "trusted": b["diagnostics"][stage]["trusted"],
+                    "raised_most": _extreme(b, +1), "lowered_most": _extreme(b, -1)})
     return out
 
 
