@@ -68,3 +68,20 @@ def load_momentum(path: Path | None, names: list[str], shapes: dict[str, torch.S
                                where=str(path))
         out[n] = t.to(device=device, dtype=dtype)
     return out
+
+
+def load_optimizer_state(path: Path) -> dict[str, torch.Tensor]:
+    """An optimizer-state file as replay entry points take it: its tensors plus ``step`` (a scalar
+    tensor) from the safetensors metadata, when present."""
+    state = load_tensors(path)
+    if Path(path).suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+        if "step" in meta:
+            try:
+                state["step"] = torch.tensor(float(meta["step"]))
+            except ValueError:
+                raise AuditorError(f"metadata step {meta['step']!r}; expected a number", where=str(path)) from None
+    return state

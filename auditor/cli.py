@@ -101,9 +101,11 @@ def build(pipeline, quiet):
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:i].")
 @click.option("--dtype", type=click.Choice(["float64", "float32"]), default="float64", show_default=True)
 @click.option("--no-build", is_flag=True, help="Do not build missing sample artifacts; fail instead.")
+@click.option("--retrain", is_flag=True,
+              help="Compute the retraining truth by replaying later stages (YAML training.replay).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
 @handle_errors
-def generate(pipeline, out_dir, formats, page_size, sign_key, passphrase_env, device, dtype, no_build, quiet):
+def generate(pipeline, out_dir, formats, page_size, sign_key, passphrase_env, device, dtype, no_build, retrain, quiet):
     """Audit PIPELINE and write the accountability report.
 
     Exits 3 when a release gate of the YAML's policy fails (the report is still written)."""
@@ -119,7 +121,7 @@ def generate(pipeline, out_dir, formats, page_size, sign_key, passphrase_env, de
         passphrase = os.environ[passphrase_env].encode()
     config = GenerateConfig(out_dir=out_dir, formats=tuple(formats) or FORMATS, page_size=page_size,
                             sign_key=sign_key, passphrase=passphrase,
-                            audit=AuditConfig(device=device, dtype=dtype, build=not no_build))
+                            audit=AuditConfig(device=device, dtype=dtype, build=not no_build, retrain=retrain))
     t0 = time.perf_counter()
     with progress_bar(not quiet) as report:
         outcome = run(pipeline, config, report)

@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from .checkpoints import load_tensors
+from .checkpoints import load_optimizer_state, load_tensors
 from .errors import AuditorError
 from .pipeline import Pipeline
 
@@ -51,7 +51,7 @@ def retrain_counterfactuals(pipeline: Pipeline, model: torch.nn.Module, progress
             opt = None
         else:
             prev = st[k - 1].optimizer_state
-            opt = load_tensors(prev) if prev is not None else None
+            opt = load_optimizer_state(prev) if prev is not None else None
         for j in range(k + 1, K):
             if progress:
                 progress(f"retraining without {st[k].name}: replaying {st[j].name}", done / total)
