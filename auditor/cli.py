@@ -146,16 +146,10 @@ def _summary_lines(data: dict) -> list[str]:
     return out
 
 
-def _register_optional():
-    try:
-        from .cli_sign import keygen, verify
-    except ImportError:  # pragma: no cover - the signing module is part of the package
-        return
-    cli.add_command(keygen)
-    cli.add_command(verify)
+from .cli_sign import keygen, verify  # noqa: E402
 
-
-_register_optional()
+cli.add_command(keygen)
+cli.add_command(verify)
 
 
 def main():
