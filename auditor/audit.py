@@ -23,12 +23,13 @@ from . import __version__
 from .behaviors import EvalData, aggregate, behavior_fn, load_eval_data
 from .checkpoints import load_momentum, load_params, load_tensors
 from .errors import AuditorError
-from .estimators import ESTIMATORS, all_forms, embedding
+from .estimators import ESTIMATORS, all_forms, embedding, shifted
 from .fidelity import compare
 from .pipeline import Pipeline, load_pipeline
 from .propagation import propagation_coefficients
 
 Progress = Callable[[str, float], None]
+TIERS = ("exact", "secant", "spectral")
 
 
 @dataclass
@@ -41,6 +42,12 @@ class AuditConfig:
     build: build missing sample artifacts with the YAML's build.factory.
     retrain: compute the truth by replaying later stages (training.replay) instead of reading the
         stages' counterfactual_checkpoint files.
+    tiers: curvature-aware tiers to add (ESTIMATORS.md §3.2): "exact" (HVPs through every later
+        step, at the nearest recorded checkpoint), "secant" (the same with each H δθ replaced by the
+        gradient difference ∇L(θ_c) − ∇L(θ_c − δθ): keeps the loss's nonlinearity along δθ) and/or
+        "spectral" (top-``rank`` eigen-directions
+        of each segment's Hessian, averaged over ``spectral_batches`` batches). Both need the
+        YAML's training.data; their estimates use the shifted form.
     """
 
     device: str = "auto"
@@ -48,6 +55,9 @@ class AuditConfig:
     eval_chunk: int | None = 4096
     build: bool = True
     retrain: bool = False
+    tiers: tuple[str, ...] = ()
+    rank: int = 20
+    spectral_batches: int = 4
 
     def __post_init__(self):
         if self.dtype not in ("float64", "float32"):
@@ -55,6 +65,12 @@ class AuditConfig:
         if self.eval_chunk is not None and self.eval_chunk < 1:
             raise AuditorError(f"eval_chunk {self.eval_chunk}; expected a positive integer or None",
                                where="config.eval_chunk")
+        bad = [t for t in self.tiers if t not in TIERS]
+        if bad:
+            raise AuditorError(f"tier {bad[0]!r}; expected any of {', '.join(TIERS)}", where="config.tiers")
+        if self.rank < 1 or self.spectral_batches < 1:
+            raise AuditorError(f"rank {self.rank}, spectral_batches {self.spectral_batches}; expected >= 1",
+                               where="config.rank")
         if not (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda")):
             raise AuditorError(f"device {self.device!r}; expected 'auto', 'cpu' or 'cuda[:i]'", where="config.device")
 
@@ -182,6 +198,13 @@ def estimate(pipeline: Pipeline | str | Path, config: AuditConfig | None = None,
         coeffs_all.append(coeffs)
         embeds.append(embedding(delta, dmom, coeffs))
 
+    tier_embeds: dict[str, list[dict]] = {}
+    if config.tiers:
+        tier_embeds, timing_tiers = _curvature_embeddings(pipeline, config, model, buffers, names, shapes, schedules,
+                                                          deltas, dmoms, theta_T, dtype, device, say)
+    else:
+        timing_tiers = {}
+
     weight_norm = _norm(theta_T)
     stage_rows = []
     for k, (s, sched) in enumerate(zip(pipeline.stages, schedules)):
@@ -203,7 +226,7 @@ def estimate(pipeline: Pipeline | str | Path, config: AuditConfig | None = None,
         })
 
     cf_params = {}
-    timing = {"estimate_s": 0.0}
+    timing = {"estimate_s": 0.0, **timing_tiers}
     truth_source = "counterfactual checkpoints"
     if config.retrain:
         from .retrain import retrain_counterfactuals
@@ -236,6 +259,8 @@ def estimate(pipeline: Pipeline | str | Path, config: AuditConfig | None = None,
         effects, truth, fid = {}, {}, {}
         for k, s in enumerate(pipeline.stages):
             forms = all_forms(f, theta_T, embeds[k], deltas[k], f_T, b.differentiable)
+            for tier, es in tier_embeds.items():
+                forms[tier] = shifted(f, theta_T, es[k], f_T)
             effects[s.name] = {e: (aggregate(v, b.aggregate) if v is not None else None) for e, v in forms.items()}
             per_ex["effects"][s.name] = {e: (v.cpu().tolist() if v is not None else None) for e, v in forms.items()}
             if s.name in cf_params:
@@ -271,7 +296,11 @@ def estimate(pipeline: Pipeline | str | Path, config: AuditConfig | None = None,
         "pipeline": {"path": str(pipeline.path), "sha256": inputs[0].sha256},
         "generated_at": generated_at(),
         "device": str(device), "dtype": config.dtype,
-        "estimators": list(ESTIMATORS), "primary_estimator": "shifted", "truth_source": truth_source,
+        "estimators": [*ESTIMATORS, *tier_embeds], "primary_estimator": "shifted", "truth_source": truth_source,
+        "tiers": {t: {"rank": config.rank, "batches": config.spectral_batches} if t == "spectral" else
+                  {"mode": "forward (one propagation per stage)", "checkpoints": "nearest recorded at or before each step",
+                   "step": "gradient difference" if t == "secant" else "Hessian-vector product"}
+                  for t in tier_embeds},
         "stages": stage_rows,
         "behaviors": behaviours,
         "summary": _summary(behaviours),
@@ -287,6 +316,76 @@ def estimate(pipeline: Pipeline | str | Path, config: AuditConfig | None = None,
 TRUST_GAP = 0.25  # |linear − shifted| / (|linear| + |shifted|) above this: the effect is not first-order
 TRUST_MOTION = 1.0  # later training moved the weights farther than the stage itself did
 TRUST_DISPLACEMENT = 0.3  # removing the stage moves the weights by 30% of their norm: not a small perturbation
+
+
+def _curvature_embeddings(pipeline, config, model, buffers, names, shapes, schedules, deltas, dmoms, theta_T,
+                          dtype, device, say) -> tuple[dict[str, list[dict]], dict[str, float]]:
+    """Stage embeddings of the curvature tiers: {tier: [e_k per stage]} and their wall times (s).
+
+    Forward propagation, one per stage (the per-example fidelity needs every example's effect,
+    for which the adjoint would cost one sweep per example)."""
+    from . import curvature
+    from .checkpoints import load_optimizer_state
+    from .training import make_batch_loss, make_checkpoint_at
+
+    batch_loss = make_batch_loss(pipeline, model, buffers, dtype=dtype, device=device)
+    ck = make_checkpoint_at(pipeline, names, shapes, dtype=dtype, device=device)
+    for sch in schedules:
+        if sch.batches is None:
+            raise AuditorError("the curvature tier needs each step's batch; expected a 'batch' column",
+                               where=str(pipeline.stages[[x.stage for x in schedules].index(sch.stage)].log))
+    stages = pipeline.stages
+    state_cache: dict = {}
+
+    def state_entering(idx: int):
+        """Optimizer state entering stage idx (None: fresh)."""
+        if stages[idx].reset or idx == 0 or stages[idx - 1].optimizer_state is None:
+            return None
+        if idx not in state_cache:
+            st = load_optimizer_state(stages[idx - 1].optimizer_state)
+            state_cache[idx] = {n: (v.to(device=device, dtype=dtype) if v.is_floating_point() else v)
+                                for n, v in st.items()}
+        return state_cache[idx]
+
+    index = {s.name: i for i, s in enumerate(stages)}
+    opt_at = lambda name: state_entering(index[name])  # noqa: E731
+    K = len(stages)
+    out: dict[str, list[dict]] = {}
+    times: dict[str, float] = {}
+    for tier in ("exact", "secant"):
+        if tier not in config.tiers:
+            continue
+        t0 = time.perf_counter()
+        es = []
+        for k in range(K):
+            later = schedules[k + 1:]
+            say(f"{tier} tier: propagating {stages[k].name} through {sum(s.n_steps for s in later)} later steps",
+                0.05 + 0.05 * k / K)
+            if not later:
+                es.append(dict(deltas[k]))
+                continue
+            es.append(curvature.propagate_exact(deltas[k], dmoms[k], later, batch_loss, ck,
+                                                optimizer_state_at_stage_start=opt_at,
+                                                cf_optimizer_state=state_entering(k), secant=tier == "secant"))
+        out[tier] = es
+        times[f"{tier}_s"] = time.perf_counter() - t0
+    if "spectral" in config.tiers:
+        t0 = time.perf_counter()
+        say(f"spectral tier: top-{config.rank} Hessian eigen-directions per segment", 0.1)
+        counter = curvature.HVPCounter()
+        segs = curvature.spectral_segments(schedules[1:], batch_loss, ck, theta_T, ck.recorded_steps(),
+                                           rank=config.rank, n_batches=config.spectral_batches,
+                                           optimizer_state_at_stage_start=opt_at, counter=counter)
+        es = []
+        for k in range(K):
+            later = schedules[k + 1:]
+            es.append(dict(deltas[k]) if not later else
+                      curvature.propagate_spectral(deltas[k], dmoms[k], later, segments=segs))
+        out["spectral"] = es
+        times["spectral_s"] = time.perf_counter() - t0
+        times["spectral_hvp"] = float(counter.hvp)
+        times["spectral_segments"] = float(len(segs))
+    return out, times
 
 
 def _diagnostics(effects: dict, stage_rows: list[dict]) -> dict:

@@ -103,9 +103,14 @@ def build(pipeline, quiet):
 @click.option("--no-build", is_flag=True, help="Do not build missing sample artifacts; fail instead.")
 @click.option("--retrain", is_flag=True,
               help="Compute the retraining truth by replaying later stages (YAML training.replay).")
+@click.option("--tier", "tiers", multiple=True, type=click.Choice(["exact", "secant", "spectral"]),
+              help="Add a curvature-aware estimator (needs training.data); repeat the option.")
+@click.option("--rank", default=20, show_default=True, type=click.IntRange(1, 1000),
+              help="Eigen-directions per segment for --tier spectral.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
 @handle_errors
-def generate(pipeline, out_dir, formats, page_size, sign_key, passphrase_env, device, dtype, no_build, retrain, quiet):
+def generate(pipeline, out_dir, formats, page_size, sign_key, passphrase_env, device, dtype, no_build, retrain,
+             tiers, rank, quiet):
     """Audit PIPELINE and write the accountability report.
 
     Exits 3 when a release gate of the YAML's policy fails (the report is still written)."""
@@ -121,7 +126,8 @@ def generate(pipeline, out_dir, formats, page_size, sign_key, passphrase_env, de
         passphrase = os.environ[passphrase_env].encode()
     config = GenerateConfig(out_dir=out_dir, formats=tuple(formats) or FORMATS, page_size=page_size,
                             sign_key=sign_key, passphrase=passphrase,
-                            audit=AuditConfig(device=device, dtype=dtype, build=not no_build, retrain=retrain))
+                            audit=AuditConfig(device=device, dtype=dtype, build=not no_build, retrain=retrain,
+                                                  tiers=tuple(tiers), rank=rank))
     t0 = time.perf_counter()
     with progress_bar(not quiet) as report:
         outcome = run(pipeline, config, report)

@@ -164,6 +164,31 @@ def hessian_vector_product(batch_loss: BatchLoss, params: Params, stage_name: st
     return hv, grad
 
 
+def gradient_difference(batch_loss: BatchLoss, params: Params, stage_name: str, batch_ids: Sequence[int],
+                        vector: Params, *, with_grad: bool = False,
+                        counter: HVPCounter | None = None) -> tuple[Params, Params | None]:
+    """The secant replacement of H v: δg = ∇L(θ) − ∇L(θ − v), and (optionally) g = ∇L(θ).
+
+    Equal to H v for a quadratic L; otherwise it keeps every higher-order term along v, which is
+    what matters when the boundary difference is large (an early stage followed by much
+    training). Cost: two gradients, about one HVP. Shapes as :func:`hessian_vector_product`.
+    """
+    keys = list(vector)
+
+    def grad_at(p: Params) -> Params:
+        leaves = _leaves(p, keys)
+        with torch.enable_grad():
+            loss = batch_loss(leaves, stage_name, list(batch_ids))
+            gs = torch.autograd.grad(loss, [leaves[k] for k in keys], allow_unused=True)
+        return {k: (torch.zeros_like(vector[k]) if g is None else g.detach().to(vector[k])) for k, g in zip(keys, gs)}
+
+    g1 = grad_at(params)
+    g0 = grad_at({k: (v - vector[k].to(v) if k in vector else v) for k, v in params.items()})
+    if counter is not None:
+        counter.grad += 2
+    return {k: g1[k] - g0[k] for k in keys}, (g1 if with_grad else None)
+
+
 def _sgd_linear_step(th: Tensor, m: Tensor, hv: Tensor, eta: float, mu: float, lam: float,
                      nesterov: bool) -> tuple[Tensor, Tensor]:
     """One linearised SGD step for one parameter tensor (scalar hyperparameters).
@@ -240,8 +265,12 @@ def propagate_exact(delta_theta: Params, delta_m: Params | None, later: Sequence
                     optimizer_state_at_stage_start: OptimStateAt | None = None,
                     cf_optimizer_state: "dict | None | _Unset" = _UNSET,
                     progress: Progress | None = None, counter: HVPCounter | None = None,
-                    return_state: bool = False):
+                    return_state: bool = False, secant: bool = False):
     """Propagate the boundary difference through every later step with HVPs (exact tier).
+
+    ``secant=True`` replaces each H δθ by the gradient difference ∇L(θ_c) − ∇L(θ_c − δθ) at the
+    same checkpoint θ_c (:func:`gradient_difference`): identical on quadratics, and it keeps the
+    nonlinearity of the loss along δθ (the "secant" tier).
 
     Inputs: ``delta_theta`` = Δ_k = θ_{b_k} − θ_{a_k} (dict of tensors, any shapes);
     ``delta_m`` = δm_{b_k} (SGD momentum-buffer difference, used when ``later[0]`` is an SGD
@@ -264,6 +293,7 @@ def propagate_exact(delta_theta: Params, delta_m: Params | None, later: Sequence
     explicitly in that case). At a later AdamW stage that carries, the factual moments are
     re-synchronised to the recorded state and the counterfactual ones keep their difference.
     """
+    step_fn = gradient_difference if secant else hessian_vector_product
     keys = list(delta_theta)
     dth = {k: v.detach().clone() for k, v in delta_theta.items()}
     dm = {k: (delta_m[k].detach().to(dth[k]).clone() if delta_m is not None and k in delta_m
@@ -282,8 +312,7 @@ def propagate_exact(delta_theta: Params, delta_m: Params | None, later: Sequence
             lr, mom, wd = _ext(st.lr, 0.0), _ext(st.momentum, 0.0), _ext(st.weight_decay, 0.0)
             for i in range(st.n_steps):
                 t = st.first_step + i
-                hv, _ = hessian_vector_product(batch_loss, checkpoint_at(t), st.stage, st.batches[i], dth,
-                                               counter=counter)
+                hv, _ = step_fn(batch_loss, checkpoint_at(t), st.stage, st.batches[i], dth, counter=counter)
                 for k, c in zip(keys, cols):
                     dth[k], dm[k] = _sgd_linear_step(dth[k], dm[k], hv[k], float(lr[i, c]), float(mom[i, c]),
                                                      float(wd[i, c]), st.nesterov)
@@ -299,8 +328,8 @@ def propagate_exact(delta_theta: Params, delta_m: Params | None, later: Sequence
             b1, b2, eps = _ext(st.beta1, 0.0), _ext(st.beta2, 0.0), _ext(st.eps, 1.0)
             for i in range(st.n_steps):
                 t = st.first_step + i
-                hv, g = hessian_vector_product(batch_loss, checkpoint_at(t), st.stage, st.batches[i], dth,
-                                               with_grad=True, counter=counter)
+                hv, g = step_fn(batch_loss, checkpoint_at(t), st.stage, st.batches[i], dth, with_grad=True,
+                                counter=counter)
                 for k, c in zip(keys, cols):
                     if c < 0:
                         continue

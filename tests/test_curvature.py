@@ -688,3 +688,51 @@ def test_hvp_matches_dense_hessian():
     assert torch.allclose(torch.cat([hv[k].reshape(-1) for k in keys]), ref, atol=1e-12)
     gref = torch.autograd.functional.jacobian(flat_loss, th)
     assert torch.allclose(torch.cat([grad[k].reshape(-1) for k in keys]), gref, atol=1e-12)
+
+
+# --------------------------------------------------------------------------------------------
+# secant tier: gradient differences instead of HVPs
+
+
+@pytest.mark.parametrize("k", [0, 1, 2])
+def test_secant_sgd_equals_retraining_on_quadratic(k):
+    """On a quadratic ∇L(θ) − ∇L(θ − δ) = H δ exactly, so the secant tier equals the exact tier
+    and retraining, with stage-boundary checkpoints only."""
+    model = LinearMSE(seed=3)
+    stages = sgd_scenario(model)
+    theta_T, traj, states = retrain(model.theta0, stages, model)
+    theta_cf, _, _ = retrain(model.theta0, stages, model, skip=stages[k].stage)
+    delta, dm = boundary(stages, k, traj, states, model.theta0)
+    at = ckpt_fn(traj, [st.first_step for st in stages])
+    e = cv.propagate_exact(delta, dm, stages[k + 1:], model, at, secant=True)
+    assert rel_err(e, sub(theta_T, theta_cf)) < 1e-6
+
+
+@pytest.mark.parametrize("k", [0, 1])
+def test_secant_sgd_with_every_checkpoint_is_retraining_on_a_nonquadratic(k):
+    """With θ_c = θ_t (checkpoints at every step) the secant step computes the counterfactual
+    gradient ∇L(θ_t − δθ_t) exactly, so for SGD it reproduces retraining on any loss; the HVP
+    (exact) tier does not on a non-quadratic loss — the difference is the nonlinearity the secant
+    form keeps."""
+    model = TanhMLP(seed=7)
+    stages = sgd_scenario(model)
+    theta_T, traj, states = retrain(model.theta0, stages, model)
+    theta_cf, _, _ = retrain(model.theta0, stages, model, skip=stages[k].stage)
+    truth = sub(theta_T, theta_cf)
+    delta, dm = boundary(stages, k, traj, states, model.theta0)
+    e = cv.propagate_exact(delta, dm, stages[k + 1:], model, ckpt_fn(traj), secant=True)
+    assert rel_err(e, truth) < 1e-6
+    e_hvp = cv.propagate_exact(delta, dm, stages[k + 1:], model, ckpt_fn(traj))
+    assert rel_err(e_hvp, truth) > 1e-6
+
+
+def test_secant_adamw_equals_retraining_on_quadratic():
+    model = LinearMSE(seed=5)
+    stages = adamw_scenario(model)
+    theta_T, traj, states = retrain(model.theta0, stages, model)
+    theta_cf, _, _ = retrain(model.theta0, stages, model, skip=stages[1].stage)
+    delta, dm = boundary(stages, 1, traj, states, model.theta0)
+    e = cv.propagate_exact(delta, dm, stages[2:], model, ckpt_fn(traj), secant=True,
+                           optimizer_state_at_stage_start=optstate_fn(states),
+                           cf_optimizer_state=states[("start", stages[1].stage)])
+    assert rel_err(e, sub(theta_T, theta_cf)) < 1e-6
