@@ -23,7 +23,7 @@ from . import __version__
 from .behaviors import EvalData, aggregate, behavior_fn, load_eval_data
 from .checkpoints import load_momentum, load_params, load_tensors
 from .errors import AuditorError
-from .estimators import ESTIMATORS, all_forms, embedding, shifted
+from .estimators import DIFFERENTIABLE_ONLY, ESTIMATORS, FORMS, embedding, shifted
 from .fidelity import compare
 from .pipeline import Pipeline, load_pipeline
 from .propagation import propagation_coefficients
@@ -176,6 +176,7 @@ def estimate(pipeline: Pipeline | str | Path, config: AuditConfig | None = None,
     # ---- stage embeddings -------------------------------------------------------------------
     say("loading checkpoints and propagating stage differences", 0.05)
     starts, deltas, embeds, coeffs_all, dmoms = [], [], [], [], []
+    aa_embed_s = 0.0
     for k, s in enumerate(pipeline.stages):
         record(f"checkpoint:{s.name}:start", s.start_checkpoint)
         record(f"checkpoint:{s.name}:end", s.end_checkpoint)
@@ -191,12 +192,14 @@ def estimate(pipeline: Pipeline | str | Path, config: AuditConfig | None = None,
             dmom = _sub(m_b, m_a)
         else:  # AdamW: a carried Adam-state difference is neglected (ESTIMATORS.md §3.1)
             dmom = {n: torch.zeros_like(delta[n]) for n in names}
+        t_aa = time.perf_counter()
         coeffs = propagation_coefficients(schedules, k, names)
+        embeds.append(embedding(delta, dmom, coeffs))
+        aa_embed_s += time.perf_counter() - t_aa
         starts.append(a)
         deltas.append(delta)
         dmoms.append(dmom)
         coeffs_all.append(coeffs)
-        embeds.append(embedding(delta, dmom, coeffs))
 
     tier_embeds: dict[str, list[dict]] = {}
     if config.tiers:
@@ -226,7 +229,7 @@ def estimate(pipeline: Pipeline | str | Path, config: AuditConfig | None = None,
         })
 
     cf_params = {}
-    timing = {"estimate_s": 0.0, **timing_tiers}
+    timing = {"estimate_s": 0.0, "aa_embedding_s": aa_embed_s, **timing_tiers}
     truth_source = "counterfactual checkpoints"
     if config.retrain:
         from .retrain import retrain_counterfactuals
@@ -235,6 +238,7 @@ def estimate(pipeline: Pipeline | str | Path, config: AuditConfig | None = None,
         cf_params = {name: {n: sd[n].to(device=device, dtype=dtype) for n in names} for name, sd in retrained.items()}
         truth_source = "retraining (training.replay)"
     t_est = time.perf_counter()
+    form_s: dict[str, float] = {}
     for s in pipeline.stages:
         if s.name not in cf_params and s.counterfactual_checkpoint is not None:
             record(f"truth:{s.name}", s.counterfactual_checkpoint)
@@ -258,9 +262,16 @@ def estimate(pipeline: Pipeline | str | Path, config: AuditConfig | None = None,
                   "effects": {}, "truth": {}}
         effects, truth, fid = {}, {}, {}
         for k, s in enumerate(pipeline.stages):
-            forms = all_forms(f, theta_T, embeds[k], deltas[k], f_T, b.differentiable)
+            forms = {}
+            for name, fn in FORMS.items():
+                t_f = time.perf_counter()
+                forms[name] = fn(f, theta_T, embeds[k], deltas[k], f_T) if b.differentiable or \
+                    name not in DIFFERENTIABLE_ONLY else None
+                form_s[name] = form_s.get(name, 0.0) + time.perf_counter() - t_f
             for tier, es in tier_embeds.items():
+                t_f = time.perf_counter()
                 forms[tier] = shifted(f, theta_T, es[k], f_T)
+                form_s[tier] = form_s.get(tier, 0.0) + time.perf_counter() - t_f
             effects[s.name] = {e: (aggregate(v, b.aggregate) if v is not None else None) for e, v in forms.items()}
             per_ex["effects"][s.name] = {e: (v.cpu().tolist() if v is not None else None) for e, v in forms.items()}
             if s.name in cf_params:
@@ -288,6 +299,7 @@ def estimate(pipeline: Pipeline | str | Path, config: AuditConfig | None = None,
             images[b.name] = data.x.detach().cpu().double().reshape(len(data.y), *b.image_shape[-2:]).numpy()
 
     timing["estimate_s"] += time.perf_counter() - t_est
+    timing.update({f"form_{k}_s": v for k, v in form_s.items()})
     say("summarising", 0.97)
     data = {
         "format": 1,

@@ -53,12 +53,10 @@ def midpoint(f: Behaviour, theta: Params, e: Params) -> torch.Tensor:
     return directional(f, axpy(theta, e, -0.5), e)
 
 
-def all_forms(f: Behaviour, theta: Params, e: Params, delta: Params, f_theta: torch.Tensor,
-              differentiable: bool) -> dict[str, torch.Tensor | None]:
-    """Every estimator for one stage and behaviour; linear/midpoint are None for non-differentiable f."""
-    return {
-        "naive": shifted(f, theta, delta, f_theta),
-        "linear": linear(f, theta, e) if differentiable else None,
-        "midpoint": midpoint(f, theta, e) if differentiable else None,
-        "shifted": shifted(f, theta, e, f_theta),
-    }
+FORMS = {
+    "naive": lambda f, theta, e, delta, f_theta: shifted(f, theta, delta, f_theta),
+    "linear": lambda f, theta, e, delta, f_theta: linear(f, theta, e),
+    "midpoint": lambda f, theta, e, delta, f_theta: midpoint(f, theta, e),
+    "shifted": lambda f, theta, e, delta, f_theta: shifted(f, theta, e, f_theta),
+}
+"""Each estimator as fn(f, θ_T, e_k, Δ_k, f(θ_T)) -> Tensor[N]; linear/midpoint need a differentiable f."""

@@ -1,0 +1,145 @@
+"""Fidelity benchmark: every estimator against retraining on both bundled samples.
+
+    python benchmarks/fidelity.py            # ~3-5 minutes on 2 cores; builds missing sample artifacts
+
+Prints, per sample, a stage × estimator table on the sample's per-example test loss: Pearson,
+Spearman and sign agreement with the retraining truth, the mean Pearson over all differentiable
+behaviours, the estimator's wall time (all stages and behaviours) and its speed-up over
+retraining (the time to replay every counterfactual). Then the spectral tier's cost at two stage
+lengths, and the share of the AA → exact gap in Pearson that the spectral tier closes on the
+middle stage of the digits pipeline.
+
+All timings are from one run on this machine with torch on one thread (the samples replay on
+one thread too); each estimate is run once to warm up before it is timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from auditor import AuditConfig, estimate, load_pipeline  # noqa: E402
+
+SAMPLES = {"digits": ("samples/digits/pipeline.yaml", "clean_test_loss"),
+           "breast_cancer": ("samples/breast_cancer/pipeline.yaml", "test_loss")}
+ORDER = ("naive", "linear", "midpoint", "shifted", "exact", "secant", "spectral")
+TIERS = ("exact", "secant", "spectral")
+
+
+def estimator_seconds(timing: dict, name: str) -> float:
+    """Wall time of one estimator for all stages and behaviours (its embedding + its form)."""
+    form = timing.get(f"form_{name}_s", 0.0)
+    if name in ("linear", "midpoint", "shifted"):
+        return timing["aa_embedding_s"] + form
+    if name in TIERS:
+        return timing[f"{name}_s"] + form
+    return form  # naive: the checkpoint difference needs no propagation
+
+
+def fmt(x, spec=".3f"):
+    return "  n/a" if x is None else format(x, spec)
+
+
+def run_sample(name: str, path: str, loss_behaviour: str, rank: int) -> dict:
+    pipeline = load_pipeline(ROOT / path)
+    pipeline.ensure_artifacts(lambda msg, frac: print(f"  [{name} build {frac:4.0%}] {msg}", end="\r"))
+    estimate(pipeline, AuditConfig(build=False))  # warm-up (imports, first JVP)
+    t0 = time.perf_counter()
+    res = estimate(pipeline, AuditConfig(build=False, retrain=True, tiers=TIERS, rank=rank))
+    total = time.perf_counter() - t0
+    data, timing = res.to_dict(), res.timing
+    retrain_s = timing["retrain_s"]
+    behaviours = {b["name"]: b for b in data["behaviors"]}
+    b = behaviours[loss_behaviour]
+    print(f"\n## {name}: {len(data['stages'])} stages, per-example {loss_behaviour} "
+          f"(n = {b['n_examples']}); retraining every counterfactual: {retrain_s:.2f} s; run: {total:.1f} s\n")
+    print("| stage | estimator | Pearson | Spearman | sign agr. | mean Pearson (all behaviours) | rel. err (agg.) "
+          "| time (s) | speed-up vs retraining |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    rows = {}
+    for st in data["stages"]:
+        s = st["name"]
+        for est in ORDER:
+            fid = b["fidelity"].get(s, {}).get(est)
+            if fid is None:
+                continue
+            others = [bb["fidelity"][s][est]["pearson"] for bb in behaviours.values()
+                      if bb["differentiable"] and est in bb["fidelity"].get(s, {})
+                      and bb["fidelity"][s][est]["pearson"] is not None]
+            secs = estimator_seconds(timing, est)
+            rows[(s, est)] = fid
+            print(f"| {s} | {est} | {fmt(fid['pearson'])} | {fmt(fid['spearman'])} | {fmt(fid['sign_agreement'], '.2f')} "
+                  f"| {fmt(float(np.mean(others)) if others else None)} | {fmt(fid['rel_error'], '.2f')} "
+                  f"| {secs:.3f} | {retrain_s / secs if secs > 0 else float('inf'):.0f}× |")
+    aa = sum(estimator_seconds(timing, e) for e in ("linear", "midpoint", "shifted"))
+    print(f"\nAA, all three forms, all stages and behaviours: {aa:.3f} s = 1/{retrain_s / aa:.0f} of retraining; "
+          f"shifted form alone: 1/{retrain_s / estimator_seconds(timing, 'shifted'):.0f}. "
+          f"Spectral tier: {int(timing['spectral_hvp'])} HVPs over {int(timing['spectral_segments'])} segments.")
+    return {"rows": rows, "stages": [st["name"] for st in data["stages"]]}
+
+
+def spectral_length_check(rank: int) -> None:
+    """Spectral vs exact cost when the later stages run for L and 2L steps (segments = stages, so
+    the number of segments is fixed and only their length changes)."""
+    print("\n## Spectral-tier cost against the length of the later stages (digits, segments = stages)\n")
+    print("| later-stage length | exact tier: HVPs | exact tier: s | spectral: HVPs | spectral: s |")
+    print("|---|---|---|---|---|")
+    src = ROOT / "samples" / "digits"
+    sys.path.insert(0, str(src))
+    import digits_pipeline  # noqa: E402
+
+    for scale in (0.5, 1.0):
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            shutil.copy(src / "digits_pipeline.py", tmp / "digits_pipeline.py")
+            digits_pipeline.build_artifacts(tmp, None, steps_scale=scale)
+            doc = yaml.safe_load((src / "pipeline.yaml").read_text())
+            doc.pop("build", None)
+            for st in doc["stages"]:
+                st.pop("checkpoints", None)
+                st.pop("counterfactual_checkpoint", None)
+            (tmp / "pipeline.yaml").write_text(yaml.safe_dump(doc))
+            p = load_pipeline(tmp / "pipeline.yaml")
+            sched = p.load_schedules()
+            later = sum(s.n_steps for s in sched[1:])
+            res = estimate(p, AuditConfig(build=False, tiers=("exact", "spectral"), rank=rank))
+            exact_hvp = sum(sum(s.n_steps for s in sched[k + 1:]) for k in range(len(sched)))
+            print(f"| {later} steps after stage 1 | {exact_hvp} | {res.timing['exact_s']:.2f} "
+                  f"| {int(res.timing['spectral_hvp'])} | {res.timing['spectral_s']:.2f} |")
+    sys.path.remove(str(src))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rank", type=int, default=20)
+    ap.add_argument("--skip-length-check", action="store_true")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    print(f"# auditor fidelity benchmark (torch {torch.__version__}, 1 thread, float64, spectral rank {args.rank})")
+    results = {name: run_sample(name, path, beh, args.rank) for name, (path, beh) in SAMPLES.items()}
+    d = results["digits"]["rows"]
+    mid = results["digits"]["stages"][1]
+    aa, ex, sp = (d[(mid, e)]["pearson"] for e in ("shifted", "exact", "spectral"))
+    if ex is not None and aa is not None and sp is not None and ex != aa:
+        print(f"\nDigits, middle stage ({mid}): spectral closes {(sp - aa) / (ex - aa):.0%} of the Pearson gap "
+              f"between AA-shifted ({aa:.3f}) and the exact tier ({ex:.3f}); spectral: {sp:.3f}.")
+    if not args.skip_length_check:
+        spectral_length_check(args.rank)
+    print(f"\nTotal benchmark time: {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
