@@ -24,7 +24,35 @@ class EvalData:
     ids: torch.Tensor  # [N] int64
 
 
+def data_key(b: Behavior) -> tuple:
+    """Behaviours with the same key read the same evaluation data (their logits are shared)."""
+    if "file" in b.data:
+        return ("file", str(b.data["file"]))
+    return ("factory", b.data["factory"], repr(sorted(b.data.get("kwargs", {}).items())))
+
+
 def load_eval_data(pipeline: Pipeline, b: Behavior, i: int) -> EvalData:
+    """The behaviour's evaluation examples, its subset applied."""
+    data = load_eval_source(pipeline, b, i)
+    keep = subset_mask(pipeline, b, i, data.y)
+    return EvalData(x=data.x[keep], y=data.y[keep], ids=data.ids[keep])
+
+
+def subset_mask(pipeline: Pipeline, b: Behavior, i: int, y: torch.Tensor) -> torch.Tensor:
+    """Bool [N]: the rows of the data file that the behaviour's subset keeps."""
+    keep = torch.ones(len(y), dtype=torch.bool, device=y.device)
+    if b.subset:
+        if "labels" in b.subset:
+            keep &= torch.isin(y, torch.tensor(b.subset["labels"], device=y.device))
+        if "exclude_labels" in b.subset:
+            keep &= ~torch.isin(y, torch.tensor(b.subset["exclude_labels"], device=y.device))
+    if not keep.any():
+        raise AuditorError("the subset selects no examples", where=f"{pipeline.path}: behaviors[{i}].subset")
+    return keep
+
+
+def load_eval_source(pipeline: Pipeline, b: Behavior, i: int) -> EvalData:
+    """Every example of the behaviour's data file or factory (no subset)."""
     where = f"{pipeline.path}: behaviors[{i}].data"
     if "file" in b.data:
         d = load_tensors(b.data["file"])
@@ -42,18 +70,12 @@ def load_eval_data(pipeline: Pipeline, b: Behavior, i: int) -> EvalData:
         raise AuditorError(f"y has dtype {y.dtype}; expected integer class labels", where=where)
     ids = torch.as_tensor(d["ids"]) if "ids" in d else torch.arange(len(y))
     y = y.long()
-    keep = torch.ones(len(y), dtype=torch.bool)
-    if b.subset:
-        if "labels" in b.subset:
-            keep &= torch.isin(y, torch.tensor(b.subset["labels"]))
-        if "exclude_labels" in b.subset:
-            keep &= ~torch.isin(y, torch.tensor(b.subset["exclude_labels"]))
-    if not keep.any():
-        raise AuditorError("the subset selects no examples", where=f"{pipeline.path}: behaviors[{i}].subset")
+    if ids.shape != y.shape:
+        raise AuditorError(f"ids has shape {tuple(ids.shape)}; expected {tuple(y.shape)}", where=where)
     if b.image_shape is not None and int(torch.tensor(x.shape[1:]).prod()) != int(torch.tensor(b.image_shape).prod()):
         raise AuditorError(f"image_shape {list(b.image_shape)} does not fit examples of shape {list(x.shape[1:])}",
                            where=f"{pipeline.path}: behaviors[{i}].data.image_shape")
-    return EvalData(x=x[keep], y=y[keep], ids=ids[keep].long())
+    return EvalData(x=x, y=y, ids=ids.long())
 
 
 def per_example(kind: str, logits: torch.Tensor, y: torch.Tensor, cls: int | None,
@@ -80,27 +102,37 @@ def per_example(kind: str, logits: torch.Tensor, y: torch.Tensor, cls: int | Non
 
 def behavior_fn(model: torch.nn.Module, b: Behavior, data: EvalData, buffers: dict[str, torch.Tensor],
                 user_fn: Callable | None = None, chunk: int | None = None) -> Callable[[dict], torch.Tensor]:
-    """f(params) -> Tensor[N]: the behaviour on every evaluation example, in chunks of ``chunk`` rows."""
-    x, y = data.x, data.y
-    n_classes_checked = {}
+    """f(params) -> Tensor[N]: the behaviour on every evaluation example (f = g ∘ z)."""
+    z, g = logits_fn(model, data.x, buffers, chunk), kind_fn(b, data.y, user_fn)
+    return lambda params: g(z(params))
 
-    def f(params: dict[str, torch.Tensor]) -> torch.Tensor:
-        outs = []
-        step = chunk or len(y)
-        for s in range(0, len(y), step):
-            logits = torch.func.functional_call(model, {**buffers, **params}, (x[s:s + step],))
-            if not n_classes_checked and b.cls is not None and b.cls >= logits.shape[-1]:
-                raise AuditorError(f"class {b.cls} does not exist; the model has {logits.shape[-1]} outputs",
-                                   where=f"behaviors.{b.name}.class")
-            n_classes_checked[True] = True
-            val = per_example(b.kind, logits, y[s:s + step], b.cls, user_fn)
-            if val.shape != (len(y[s:s + step]),):
-                raise AuditorError(f"{b.callable} returned shape {tuple(val.shape)}; expected one value per example",
-                                   where=f"behaviors.{b.name}.callable")
-            outs.append(val)
-        return torch.cat(outs)
 
-    return f
+def logits_fn(model: torch.nn.Module, x: torch.Tensor, buffers: dict[str, torch.Tensor],
+              chunk: int | None = None) -> Callable[[dict], torch.Tensor]:
+    """z(params) -> Tensor[N, C]: the model's outputs on every example, in chunks of ``chunk`` rows.
+    Composes with torch.func.jvp (one forward-mode pass gives ż = J_z e for all examples)."""
+    def z(params: dict[str, torch.Tensor]) -> torch.Tensor:
+        step = chunk or len(x)
+        out = [torch.func.functional_call(model, {**buffers, **params}, (x[s:s + step],))
+               for s in range(0, len(x), step)]
+        return torch.cat(out)
+
+    return z
+
+
+def kind_fn(b: Behavior, y: torch.Tensor, user_fn: Callable | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """g(z) -> Tensor[n]: the behaviour from the logits of its own rows (f = g ∘ z)."""
+    def g(z: torch.Tensor) -> torch.Tensor:
+        if b.cls is not None and b.cls >= z.shape[-1]:
+            raise AuditorError(f"class {b.cls} does not exist; the model has {z.shape[-1]} outputs",
+                               where=f"behaviors.{b.name}.class")
+        val = per_example(b.kind, z, y, b.cls, user_fn)
+        if val.shape != (len(y),):
+            raise AuditorError(f"{b.callable} returned shape {tuple(val.shape)}; expected one value per example",
+                               where=f"behaviors.{b.name}.callable")
+        return val
+
+    return g
 
 
 def aggregate(values: torch.Tensor, how: str) -> float:

@@ -1,6 +1,8 @@
 """Stage embeddings and the estimates of τ_k(f) (ESTIMATORS.md §3.1).
 
 Shapes: parameters are ``dict[str, Tensor]``; a behaviour ``f(params) -> Tensor[N]``.
+These per-behaviour functions are the reference; ``auditor.audit`` computes the same forms with
+the model outputs shared between behaviours that read the same data (tests hold the two equal).
 
     e_k       = α_k Δ_k + β_k δm_{b_k}          (per parameter)
     linear    τ̂_k = ∇f(θ_T) · e_k               one JVP along e_k
@@ -19,7 +21,6 @@ Params = dict[str, torch.Tensor]
 Behaviour = Callable[[Params], torch.Tensor]
 
 ESTIMATORS = ("naive", "linear", "midpoint", "shifted")
-DIFFERENTIABLE_ONLY = ("linear", "midpoint")
 
 
 def embedding(delta: Params, dmom: Params, coeffs: dict[str, tuple[float, float]]) -> Params:
@@ -51,12 +52,3 @@ def linear(f: Behaviour, theta: Params, e: Params) -> torch.Tensor:
 
 def midpoint(f: Behaviour, theta: Params, e: Params) -> torch.Tensor:
     return directional(f, axpy(theta, e, -0.5), e)
-
-
-FORMS = {
-    "naive": lambda f, theta, e, delta, f_theta: shifted(f, theta, delta, f_theta),
-    "linear": lambda f, theta, e, delta, f_theta: linear(f, theta, e),
-    "midpoint": lambda f, theta, e, delta, f_theta: midpoint(f, theta, e),
-    "shifted": lambda f, theta, e, delta, f_theta: shifted(f, theta, e, f_theta),
-}
-"""Each estimator as fn(f, θ_T, e_k, Δ_k, f(θ_T)) -> Tensor[N]; linear/midpoint need a differentiable f."""
