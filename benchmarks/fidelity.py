@@ -81,7 +81,7 @@ def run_sample(name: str, path: str, loss_behaviour: str, rank: int) -> dict:
             rows[(s, est)] = fid
             print(f"| {s} | {est} | {fmt(fid['pearson'])} | {fmt(fid['spearman'])} | {fmt(fid['sign_agreement'], '.2f')} "
                   f"| {fmt(float(np.mean(others)) if others else None)} | {fmt(fid['rel_error'], '.2f')} "
-                  f"| {secs:.3f} | {retrain_s / secs if secs > 0 else float('inf'):.0f}× |")
+                  f"| {secs:.3f} | {retrain_s / secs if secs > 0 else float('inf'):.3g}× |")
     aa = sum(estimator_seconds(timing, e) for e in ("linear", "midpoint", "shifted"))
     print(f"\nAA, all three forms, all stages and behaviours: {aa:.3f} s = 1/{retrain_s / aa:.0f} of retraining; "
           f"shifted form alone: 1/{retrain_s / estimator_seconds(timing, 'shifted'):.0f}. "
