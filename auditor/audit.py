@@ -47,7 +47,8 @@ class AuditConfig:
         gradient difference ∇L(θ_c) − ∇L(θ_c − δθ): keeps the loss's nonlinearity along δθ) and/or
         "spectral" (top-``rank`` eigen-directions
         of each segment's Hessian, averaged over ``spectral_batches`` batches). Both need the
-        YAML's training.data; their estimates use the shifted form.
+        YAML's training.data; their estimates use the shifted form. The most accurate tier present
+        (secant, then exact, then spectral) becomes the headline estimator; otherwise AA's shifted form.
     """
 
     device: str = "auto"
@@ -237,6 +238,7 @@ def estimate(pipeline: Pipeline | str | Path, config: AuditConfig | None = None,
         retrained, timing["retrain_s"] = retrain_counterfactuals(pipeline, model, progress)
         cf_params = {name: {n: sd[n].to(device=device, dtype=dtype) for n in names} for name, sd in retrained.items()}
         truth_source = "retraining (training.replay)"
+    primary_name = next((t for t in ("secant", "exact", "spectral") if t in tier_embeds), "shifted")
     t_est = time.perf_counter()
     form_s: dict[str, float] = {}
     for s in pipeline.stages:
@@ -325,7 +327,7 @@ def estimate(pipeline: Pipeline | str | Path, config: AuditConfig | None = None,
             else:
                 truth[s.name] = None
                 per_ex["truth"][s.name] = None
-        primary = {s: effects[s]["shifted"] for s in effects}
+        primary = {s: effects[s][primary_name] for s in effects}
         total = sum(abs(v) for v in primary.values())
         behaviours.append({
             "name": b.name, "description": b.description, "kind": b.kind, "class": b.cls,
@@ -348,14 +350,14 @@ def estimate(pipeline: Pipeline | str | Path, config: AuditConfig | None = None,
         "pipeline": {"path": str(pipeline.path), "sha256": inputs[0].sha256},
         "generated_at": generated_at(),
         "device": str(device), "dtype": config.dtype,
-        "estimators": [*ESTIMATORS, *tier_embeds], "primary_estimator": "shifted", "truth_source": truth_source,
+        "estimators": [*ESTIMATORS, *tier_embeds], "primary_estimator": primary_name, "truth_source": truth_source,
         "tiers": {t: {"rank": config.rank, "batches": config.spectral_batches} if t == "spectral" else
                   {"mode": "forward (one propagation per stage)", "checkpoints": "nearest recorded at or before each step",
                    "step": "gradient difference" if t == "secant" else "Hessian-vector product"}
                   for t in tier_embeds},
         "stages": stage_rows,
         "behaviors": behaviours,
-        "summary": _summary(behaviours),
+        "summary": _summary(behaviours, primary_name),
         "reviewers": pipeline.reviewers,
         "seeds": pipeline.seeds,
         "versions": {"auditor": __version__, "torch": torch.__version__, "numpy": np.__version__,
@@ -491,10 +493,10 @@ def _diagnostics(effects: dict, stage_rows: list[dict]) -> dict:
     return out
 
 
-def _extreme(b: dict, sign: int) -> dict | None:
+def _extreme(b: dict, sign: int, primary: str) -> dict | None:
     """The stage that raised (sign=+1) or lowered (sign=−1) behaviour b most, by the primary estimate,
     with whether the retraining truth names the same stage in the same direction."""
-    eff = {s: v["shifted"] for s, v in b["effects"].items()}
+    eff = {s: v[primary] for s, v in b["effects"].items()}
     cands = [s for s in eff if sign * eff[s] > 0]
     if not cands:
         return None
@@ -507,12 +509,12 @@ def _extreme(b: dict, sign: int) -> dict | None:
             "truth_agrees": agrees}
 
 
-def _summary(behaviours: list[dict]) -> list[dict]:
+def _summary(behaviours: list[dict], primary: str) -> list[dict]:
     """Per behaviour: the most accountable stage (largest |primary effect|), and the stages that
     raised and lowered it most."""
     out = []
     for b in behaviours:
-        eff = {s: v["shifted"] for s, v in b["effects"].items()}
+        eff = {s: v[primary] for s, v in b["effects"].items()}
         stage = max(eff, key=lambda s: abs(eff[s]))
         truth_top = None
         if all(v is not None for v in b["truth"].values()):
@@ -521,8 +523,9 @@ def _summary(behaviours: list[dict]) -> list[dict]:
                     "effect": eff[stage], "share": b["share"][stage], "truth": b["truth"].get(stage),
                     "truth_agrees": None if truth_top is None else
                     bool(truth_top == stage and np.sign(b["truth"][stage]) == np.sign(eff[stage])),
-                    "trusted": b["diagnostics"][stage]["trusted"],
-                    "raised_most": _extreme(b, +1), "lowered_most": _extreme(b, -1)})
+                    # the diagnostics judge the first-order (AA) estimates, not a curvature tier
+                    "trusted": b["diagnostics"][stage]["trusted"] if primary == "shifted" else None,
+                    "raised_most": _extreme(b, +1, primary), "lowered_most": _extreme(b, -1, primary)})
     return out
 
 

@@ -297,3 +297,42 @@ def heatmap_chart(behaviors: list[dict], stage_names: list[str], primary_of, fmt
         cb.set_label("effect / max |effect| of the behaviour", fontsize=6.5)
         cb.ax.tick_params(labelsize=6)
     return to_svg(fig, "heatmap")
+
+
+def scatter_chart(behavior: dict, stage_names: list[str], estimators: list[str], all_estimators: list[str],
+                  prefix: str, max_points: int = 300) -> str | None:
+    """Per-example estimate against retraining truth, one panel per stage that has a truth, one
+    colour per estimator in ``estimators``; the diagonal is a perfect estimate. At most
+    ``max_points`` evenly spaced examples per panel (deterministic) keep the SVG small."""
+    per = behavior.get("per_example") or {}
+    truth = per.get("truth") or {}
+    effects = per.get("effects") or {}
+    stages = [s for s in stage_names if truth.get(s) is not None]
+    if not stages:
+        return None
+    with matplotlib.rc_context(_RC):
+        fig, axes = plt.subplots(1, len(stages), figsize=(7.0, 2.35), squeeze=False)
+        fig.subplots_adjust(left=0.08, right=0.99, top=0.8, bottom=0.2, wspace=0.32)
+        handles = {}
+        for ax, s in zip(axes[0], stages):
+            t = np.asarray(truth[s], dtype=float)
+            idx = np.linspace(0, len(t) - 1, min(len(t), max_points)).round().astype(int) if len(t) else []
+            lo, hi = (float(t.min()), float(t.max())) if len(t) else (0.0, 1.0)
+            for e in estimators:
+                v = (effects.get(s) or {}).get(e)
+                if v is None:
+                    continue
+                v = np.asarray(v, dtype=float)
+                lo, hi = min(lo, float(v.min())), max(hi, float(v.max()))
+                h = ax.scatter(t[idx], v[idx], s=4, alpha=0.6, linewidths=0, color=estimator_color(e, all_estimators),
+                               label=mpl_text(e))
+                handles.setdefault(e, h)
+            pad = 0.05 * (hi - lo or 1.0)
+            ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="black", lw=0.6, ls="--")
+            ax.set_title(mpl_text(_short(str(s), 24)), loc="left", fontsize=8)
+            ax.set_xlabel("retraining truth", fontsize=6.5)
+            ax.tick_params(labelsize=6)
+        axes[0][0].set_ylabel("estimate", fontsize=6.5)
+        fig.legend(handles=list(handles.values()), loc="upper center", ncol=len(handles), frameon=False,
+                   bbox_to_anchor=(0.5, 1.0), markerscale=3)
+    return to_svg(fig, prefix)

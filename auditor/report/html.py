@@ -374,6 +374,35 @@ def _summary_items(results: Mapping, behaviors: list[dict], stage_names: list[st
     return items
 
 
+def _extremes(results: Mapping, behaviors: list[dict]) -> list[dict]:
+    """Per behaviour, the stage that raised it most and the one that lowered it most (from the
+    audit's summary), with the retraining truth and whether retraining names the same stage."""
+    out = []
+    for entry in results.get("summary") or []:
+        if not isinstance(entry, Mapping) or "raised_most" not in entry:
+            continue
+        b = next((x for x in behaviors if x.get("name") == entry.get("behavior")), None)
+        truths = {k: _num(v) for k, v in ((b or {}).get("truth") or {}).items()}
+        row = {"behavior": entry.get("behavior")}
+        for key, side, sign in (("raised_most", "raised", 1), ("lowered_most", "lowered", -1)):
+            x = entry.get(key)
+            cands = {k: v for k, v in truths.items() if v is not None and sign * v > 0}
+            truth_stage = max(cands, key=lambda k: sign * cands[k]) if cands else None
+            if not x:  # no stage moved it this way by the estimate; retraining may say otherwise
+                complete = truths and all(v is not None for v in truths.values())
+                row[side] = None if not (complete and truth_stage) else {
+                    "stage": None, "agrees": False,
+                    "truth_stage": f"{truth_stage} ({fmt_signed(cands[truth_stage])})"}
+                continue
+            row[side] = {"stage": x.get("stage"), "effect": fmt_signed(x.get("effect")),
+                         "truth": fmt_signed(x.get("truth")) if x.get("truth") is not None else None,
+                         "agrees": x.get("truth_agrees"),
+                         "truth_stage": (f"{truth_stage} ({fmt_signed(cands[truth_stage])})" if truth_stage
+                                         else "no stage")}
+        out.append(row)
+    return out
+
+
 def _share(b: Mapping, stage_names: list[str], primary: str) -> dict[str, float | None]:
     given = b.get("share") or {}
     vals = {s: primary_value((b.get("effects") or {}).get(s), primary)[0] for s in stage_names}
@@ -419,6 +448,13 @@ def _stage_view(st: Mapping, i: int) -> dict:
         "embedding_norm": fmt_num(st.get("embedding_norm")),
         "weight_norm": fmt_num(st.get("weight_norm")),
     }
+
+
+def _scatter(b: Mapping, stage_names: list[str], estimators: list[str], primary: str, n: int) -> Markup | None:
+    """Estimate-vs-truth scatter: the primary estimator and the curvature tiers present."""
+    shown = [e for e in estimators if e == primary or e in ("exact", "secant", "spectral")]
+    svg = charts.scatter_chart(b, stage_names, shown, estimators, prefix=f"scatter{n}")
+    return Markup(svg) if svg else None
 
 
 def _drilldown(b: Mapping, stage_names: list[str], primary: str, imgs: np.ndarray | None) -> list[dict]:
@@ -537,6 +573,7 @@ def build_context(results: Mapping, images: Mapping[str, Any] | None = None, *,
                 b, stage_names, estimators, primary,
                 [primary_value(effects.get(s), primary)[0] for s in stage_names],
                 prefix=f"bchart{len(bviews) + 1}")),
+            "scatter": _scatter(b, stage_names, estimators, primary, len(bviews) + 1),
             "drilldown": _drilldown(b, stage_names, primary, imgs.get(b["name"])),
             "has_images": b["name"] in imgs,
         })
@@ -593,6 +630,7 @@ def build_context(results: Mapping, images: Mapping[str, Any] | None = None, *,
         "stages": stages,
         "behaviors": bviews,
         "summary": _summary_items(results, behaviors, stage_names, primary, diagnostics),
+        "extremes": _extremes(results, behaviors),
         "truth_source": str(results.get("truth_source") or ""),
         "tiers": [e for e in estimators if e in TIER_TEXT],
         "tier_text": TIER_TEXT,
