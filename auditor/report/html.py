@@ -56,9 +56,11 @@ TOP_K = 5
 TIER_TEXT = {
     "exact": "curvature-aware propagation: the stage's change is carried through every later step with "
              "Hessian-vector products on that step's own batch, at the nearest recorded checkpoint (the "
-             "accuracy tier; it costs about as much as retraining).",
+             "accuracy tier; it costs about as much as retraining). Run in forward mode, one propagation per "
+             "stage: the per-example effects need every example's value, for which the adjoint form (one "
+             "backward sweep per behaviour) would need one sweep per example.",
     "secant": "as exact, with each Hessian-vector product replaced by a difference of gradients, which keeps "
-              "the loss's nonlinearity along the change.",
+              "the loss's nonlinearity along the change (forward mode, one propagation per stage).",
     "spectral": "the cheap curvature tier: the Hessian is held fixed on each segment of later training and "
                 "only its largest eigen-directions are propagated; the rest follows the AA recurrence.",
 }
