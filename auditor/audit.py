@@ -25,7 +25,7 @@ from .checkpoints import load_momentum, load_params, load_tensors
 from .errors import AuditorError
 from .estimators import ESTIMATORS, axpy, embedding
 from .fidelity import compare
-from .pipeline import Pipeline, load_pipeline
+from .pipeline import Pipeline, call_user, load_pipeline
 from .propagation import propagation_coefficients
 
 Progress = Callable[[str, float], None]
@@ -119,8 +119,11 @@ def generated_at() -> str:
     if epoch:
         try:
             t = _dt.datetime.fromtimestamp(int(epoch), tz=_dt.timezone.utc)
-        except ValueError:
-            raise AuditorError(f"SOURCE_DATE_EPOCH={epoch!r}; expected an integer number of seconds") from None
+        except (ValueError, OverflowError, OSError):
+            raise AuditorError(f"SOURCE_DATE_EPOCH={epoch[:30]!r}; expected seconds since 1970 (a non-negative "
+                               "integer before year 9999)") from None
+        if int(epoch) < 0:
+            raise AuditorError(f"SOURCE_DATE_EPOCH={epoch!r}; expected a non-negative integer") from None
     else:
         t = _dt.datetime.now(tz=_dt.timezone.utc).replace(microsecond=0)
     return t.isoformat().replace("+00:00", "Z")
@@ -150,7 +153,7 @@ def estimate(pipeline: Pipeline | str | Path, config: AuditConfig | None = None,
     say = progress or (lambda msg, frac: None)
     if config.build:
         pipeline.ensure_artifacts(progress)
-    pipeline.check_files()
+    pipeline.check_files(truth=not config.retrain)
     device, dtype = config.torch_device(), getattr(torch, config.dtype)
 
     inputs: list[InputRecord] = []
@@ -242,7 +245,7 @@ def estimate(pipeline: Pipeline | str | Path, config: AuditConfig | None = None,
     t_est = time.perf_counter()
     form_s: dict[str, float] = {}
     for s in pipeline.stages:
-        if s.name not in cf_params and s.counterfactual_checkpoint is not None:
+        if s.name not in cf_params and s.counterfactual_checkpoint is not None and not config.retrain:
             record(f"truth:{s.name}", s.counterfactual_checkpoint)
             cf_params[s.name] = load_params(s.counterfactual_checkpoint, names, shapes, dtype=dtype, device=device)
 
@@ -257,7 +260,7 @@ def estimate(pipeline: Pipeline | str | Path, config: AuditConfig | None = None,
             if "file" in b.data:
                 record(f"eval_data:{b.name}", b.data["file"])
             src = load_eval_source(pipeline, b, i)
-            x = src.x.to(device=device, dtype=dtype if src.x.is_floating_point() else src.x.dtype)
+            x = src.x.to(device=device, dtype=dtype)
             groups[key] = {"data": EvalData(x=x, y=src.y.to(device), ids=src.ids), "members": []}
         grp = groups[key]
         user_fn = pipeline.resolve(b.callable, f"behaviors[{i}].callable") if b.kind == "callable" else None
@@ -275,9 +278,15 @@ def estimate(pipeline: Pipeline | str | Path, config: AuditConfig | None = None,
         say(f"evaluation data {gi + 1}/{len(groups)}", 0.1 + 0.85 * gi / len(groups))
         z = logits_fn(model, grp["data"].x, buffers, config.eval_chunk)
         any_diff = any(b.differentiable for _, b, _, _ in grp["members"])
+        first = grp["members"][0][0]
         with torch.no_grad():
-            z_T = z(theta_T)
+            z_T = call_user(z, f"{pipeline.path}: behaviors[{first}].data (the model's forward pass on it)", theta_T)
         out = {i: {"f_T": g(z_T[mask]), "effects": {}, "truth": {}} for i, b, mask, g in grp["members"]}
+        for i, b, mask, g in grp["members"]:
+            if not torch.isfinite(out[i]["f_T"]).all():
+                raise AuditorError(f"the behaviour is NaN or inf on the final model for "
+                                   f"{int((~torch.isfinite(out[i]['f_T'])).sum())} example(s); expected finite values",
+                                   where=f"{pipeline.path}: behaviors[{i}]")
         for k, s in enumerate(pipeline.stages):
             e = embeds[k]
             shifts = {"naive": deltas[k], "shifted": e, **{t: es[k] for t, es in tier_embeds.items()}}

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from .checkpoints import load_tensors
 from .errors import AuditorError
-from .pipeline import Behavior, Pipeline
+from .pipeline import Behavior, Pipeline, call_user
 
 
 @dataclass
@@ -59,10 +59,17 @@ def load_eval_source(pipeline: Pipeline, b: Behavior, i: int) -> EvalData:
         where = str(b.data["file"])
     else:
         fn = pipeline.resolve(b.data["factory"], f"behaviors[{i}].data.factory")
-        d = fn(**b.data.get("kwargs", {}))
+        d = call_user(fn, where, **b.data.get("kwargs", {}))
     if not isinstance(d, dict) or "x" not in d or "y" not in d:
         raise AuditorError("expected tensors 'x' and 'y' (and optionally 'ids')", where=where)
-    x, y = torch.as_tensor(d["x"]), torch.as_tensor(d["y"])
+    try:
+        x, y = torch.as_tensor(d["x"]), torch.as_tensor(d["y"])
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise AuditorError(f"x and y must be tensors or nested lists of numbers ({exc})", where=where) from None
+    if len(y) == 0:
+        raise AuditorError("the evaluation data has no examples", where=where)
+    if x.is_floating_point() and not torch.isfinite(x).all():
+        raise AuditorError("x holds NaN or inf; expected finite inputs", where=where)
     if y.ndim != 1 or x.shape[0] != y.shape[0]:
         raise AuditorError(f"x has {x.shape[0]} rows and y has shape {tuple(y.shape)}; expected y of shape [N] "
                            "with N = rows of x", where=where)
@@ -72,6 +79,10 @@ def load_eval_source(pipeline: Pipeline, b: Behavior, i: int) -> EvalData:
     y = y.long()
     if ids.shape != y.shape:
         raise AuditorError(f"ids has shape {tuple(ids.shape)}; expected {tuple(y.shape)}", where=where)
+    if len(torch.unique(ids)) != len(ids):
+        raise AuditorError("ids repeat; expected one id per example", where=where)
+    if not x.is_floating_point():  # integer-coded inputs (pixel counts, say) are fed to the model as floats
+        x = x.to(torch.get_default_dtype())
     if b.image_shape is not None and int(torch.tensor(x.shape[1:]).prod()) != int(torch.tensor(b.image_shape).prod()):
         raise AuditorError(f"image_shape {list(b.image_shape)} does not fit examples of shape {list(x.shape[1:])}",
                            where=f"{pipeline.path}: behaviors[{i}].data.image_shape")
@@ -96,7 +107,7 @@ def per_example(kind: str, logits: torch.Tensor, y: torch.Tensor, cls: int | Non
     if kind == "accuracy":
         return (logits.argmax(dim=-1) == y).to(logits.dtype)
     if kind == "callable":
-        return user_fn(logits, y)
+        return call_user(user_fn, "behaviors[].callable", logits, y)
     raise AuditorError(f"unknown behavior kind {kind!r}")
 
 
@@ -120,15 +131,25 @@ def logits_fn(model: torch.nn.Module, x: torch.Tensor, buffers: dict[str, torch.
     return z
 
 
+def check_classes(b: Behavior, y: torch.Tensor, n_outputs: int) -> None:
+    """The behaviour's class and (for loss/accuracy) its labels must name an output of the model."""
+    if b.cls is not None and b.cls >= n_outputs:
+        raise AuditorError(f"class {b.cls} does not exist; the model has {n_outputs} outputs",
+                           where=f"behaviors.{b.name}.class")
+    if b.kind in ("loss", "accuracy") and len(y) and (int(y.min()) < 0 or int(y.max()) >= n_outputs):
+        bad = int(y.min()) if int(y.min()) < 0 else int(y.max())
+        raise AuditorError(f"label {bad} is outside the model's {n_outputs} classes [0, {n_outputs - 1}]",
+                           where=f"behaviors.{b.name}.data")
+
+
 def kind_fn(b: Behavior, y: torch.Tensor, user_fn: Callable | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
     """g(z) -> Tensor[n]: the behaviour from the logits of its own rows (f = g ∘ z)."""
     def g(z: torch.Tensor) -> torch.Tensor:
-        if b.cls is not None and b.cls >= z.shape[-1]:
-            raise AuditorError(f"class {b.cls} does not exist; the model has {z.shape[-1]} outputs",
-                               where=f"behaviors.{b.name}.class")
+        check_classes(b, y, z.shape[-1])
         val = per_example(b.kind, z, y, b.cls, user_fn)
-        if val.shape != (len(y),):
-            raise AuditorError(f"{b.callable} returned shape {tuple(val.shape)}; expected one value per example",
+        if not isinstance(val, torch.Tensor) or val.shape != (len(y),):
+            shape = tuple(val.shape) if isinstance(val, torch.Tensor) else type(val).__name__
+            raise AuditorError(f"{b.callable} returned {shape}; expected a tensor with one value per example",
                                where=f"behaviors.{b.name}.callable")
         return val
 

@@ -24,7 +24,18 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
             return dict(load_file(str(path)))
         if path.suffix in (".pt", ".pth", ".bin"):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            import pickle
+            import warnings
+
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    obj = torch.load(path, map_location="cpu", weights_only=True)
+            except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError, ValueError):
+                raise AuditorError("refused: the file holds pickled objects other than tensors or is not a torch "
+                                   "file (auditor loads .pt files with weights_only=True and never unpickles "
+                                   "arbitrary objects; save a state dict of tensors, or use safetensors)",
+                                   where=str(path)) from None
             if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
                 raise AuditorError("expected a flat state dict {name: tensor}", where=str(path))
             return dict(obj)
@@ -48,6 +59,9 @@ def load_params(path: Path, names: list[str], shapes: dict[str, torch.Size], *, 
         if tuple(sd[n].shape) != tuple(shapes[n]):
             raise AuditorError(f"parameter {n!r} has shape {tuple(sd[n].shape)}; the model expects "
                                f"{tuple(shapes[n])}", where=str(path))
+        if not sd[n].is_floating_point():
+            raise AuditorError(f"parameter {n!r} has dtype {sd[n].dtype}; expected floating-point weights",
+                               where=str(path))
         if not torch.isfinite(sd[n]).all():
             raise AuditorError(f"parameter {n!r} holds NaN or inf", where=str(path))
     return {n: sd[n].to(device=device, dtype=dtype) for n in names}
@@ -57,6 +71,10 @@ def load_momentum(path: Path | None, names: list[str], shapes: dict[str, torch.S
                   device: torch.device) -> dict[str, torch.Tensor]:
     """SGD momentum buffers (``momentum_buffer.<param>``); zeros where absent or when ``path`` is None."""
     sd = load_tensors(path) if path is not None else {}
+    unknown = sorted(k for k in sd if k.startswith("momentum_buffer.") and k[len("momentum_buffer."):] not in shapes)
+    if unknown:
+        raise AuditorError(f"{unknown[0]} names no parameter of the model; expected momentum_buffer.<parameter name>",
+                           where=str(path))
     out = {}
     for n in names:
         t = sd.get(f"momentum_buffer.{n}")
@@ -66,6 +84,8 @@ def load_momentum(path: Path | None, names: list[str], shapes: dict[str, torch.S
         if tuple(t.shape) != tuple(shapes[n]):
             raise AuditorError(f"momentum_buffer.{n} has shape {tuple(t.shape)}; expected {tuple(shapes[n])}",
                                where=str(path))
+        if not torch.isfinite(t).all():
+            raise AuditorError(f"momentum_buffer.{n} holds NaN or inf", where=str(path))
         out[n] = t.to(device=device, dtype=dtype)
     return out
 
@@ -74,6 +94,9 @@ def load_optimizer_state(path: Path) -> dict[str, torch.Tensor]:
     """An optimizer-state file as replay entry points take it: its tensors plus ``step`` (a scalar
     tensor) from the safetensors metadata, when present."""
     state = load_tensors(path)
+    bad = sorted(k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all())
+    if bad:
+        raise AuditorError(f"{bad[0]} holds NaN or inf", where=str(path))
     if Path(path).suffix == ".safetensors":
         from safetensors import safe_open
 

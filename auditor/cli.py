@@ -124,10 +124,15 @@ def generate(pipeline, out_dir, formats, page_size, sign_key, passphrase_env, de
         if passphrase_env not in os.environ:
             raise AuditorError(f"environment variable {passphrase_env} is not set", where="--passphrase-env")
         passphrase = os.environ[passphrase_env].encode()
+        if not passphrase:
+            raise AuditorError(f"environment variable {passphrase_env} is empty", where="--passphrase-env")
     config = GenerateConfig(out_dir=out_dir, formats=tuple(formats) or FORMATS, page_size=page_size,
                             sign_key=sign_key, passphrase=passphrase,
                             audit=AuditConfig(device=device, dtype=dtype, build=not no_build, retrain=retrain,
                                                   tiers=tuple(tiers), rank=rank))
+    from .audit import generated_at
+
+    generated_at()  # a bad SOURCE_DATE_EPOCH fails now, not after the audit
     t0 = time.perf_counter()
     with progress_bar(not quiet) as report:
         outcome = run(pipeline, config, report)
@@ -147,15 +152,17 @@ def _summary_lines(data: dict) -> list[str]:
     out = []
     for s in data["summary"]:
         truth = f", retraining: {s['truth']:+.4g}" if s.get("truth") is not None else ""
-        out.append(f"{s['behavior']}: stage {s['stage']!r} {s['direction']} it most "
-                   f"({s['effect']:+.4g}, {abs(s['share']):.0%} of the total{truth})")
+        share = f", {abs(s['share']):.0%} of the total" if s.get("share") is not None else ""
+        effect = f"{s['effect']:+.4g}" if s.get("effect") is not None else "n/a"
+        out.append(f"{s['behavior']}: stage {s['stage']!r} {s['direction']} it most ({effect}{share}{truth})")
     return out
 
 
 from .cli_sign import keygen, verify  # noqa: E402
 
-cli.add_command(keygen)
-cli.add_command(verify)
+for _cmd in (keygen, verify):  # their own AuditorError handling stays; everything else gets the one-line treatment
+    _cmd.callback = handle_errors(_cmd.callback)
+    cli.add_command(_cmd)
 
 
 def main():

@@ -40,6 +40,17 @@ class GenerateConfig:
                                where="--format")
         if self.page_size not in ("A4", "Letter"):
             raise AuditorError(f"page size {self.page_size!r}; expected A4 or Letter", where="--page-size")
+        if self.out_dir.exists() and not self.out_dir.is_dir():
+            raise AuditorError("exists and is not a folder; expected a folder for the report files", where="--out")
+        parent = next((p for p in self.out_dir.absolute().parents if p.exists()), None)
+        if parent is not None and not parent.is_dir():
+            raise AuditorError(f"{parent} is not a folder, so the report folder cannot be created there",
+                               where="--out")
+        if self.out_dir.is_dir():
+            clash = [n for n in OUTPUT_NAMES if (self.out_dir / n).is_dir()]
+            if clash:
+                raise AuditorError(f"{self.out_dir / clash[0]} is a folder; expected it to be free for a report "
+                                   "file", where="--out")
         if self.sign_key is not None and not Path(self.sign_key).is_file():
             raise AuditorError("file not found (expected an Ed25519 private key PEM made by `auditor keygen`)",
                                where=str(self.sign_key))
@@ -85,6 +96,10 @@ def generate(pipeline_path: str | Path, config: GenerateConfig | None = None,
 
     config = config or GenerateConfig()
     pipeline = load_pipeline(pipeline_path)
+    try:
+        config.out_dir.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise AuditorError(f"cannot create {config.out_dir.parent} ({exc.strerror})", where="--out") from None
     result = estimate(pipeline, config.audit, progress)
     data = result.data
     gates = evaluate_gates(pipeline.policy, data)
@@ -95,7 +110,6 @@ def generate(pipeline_path: str | Path, config: GenerateConfig | None = None,
     data["report_id"] = report_id(data["inputs"], data["auditor_version"])
 
     out = config.out_dir
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".auditor-", dir=out.parent))
     try:
         if progress:
@@ -109,10 +123,11 @@ def generate(pipeline_path: str | Path, config: GenerateConfig | None = None,
             extra = sign_report_dir(tmp, files, data["inputs"], data, config.sign_key, config.passphrase)
             files = {**files, **(extra if isinstance(extra, dict) else {})}
         out.mkdir(parents=True, exist_ok=True)
-        for name in OUTPUT_NAMES:  # a previous run's files would otherwise sit beside the new ones
-            (out / name).unlink(missing_ok=True)
-        for item in sorted(tmp.iterdir()):
+        written = sorted(tmp.iterdir())
+        for item in written:
             os.replace(item, out / item.name)
+        for name in set(OUTPUT_NAMES) - {p.name for p in written}:  # a previous run's files must not linger
+            (out / name).unlink(missing_ok=True)
         files = {k: out / Path(v).name for k, v in files.items()}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -111,25 +111,34 @@ class Pipeline:
                 out.append((f"behaviors[{i}].data.file", b.data["file"]))
         return out
 
-    def missing_files(self) -> list[tuple[str, Path]]:
-        return [(f, p) for f, p in self.referenced_files() if not p.is_file()]
+    def missing_files(self, truth: bool = True) -> list[tuple[str, Path]]:
+        """(field, path) of every named file that does not exist (``truth=False``: not counting the
+        counterfactual checkpoints, which retraining replaces)."""
+        return [(f, p) for f, p in self.referenced_files()
+                if not p.is_file() and (truth or not f.endswith("counterfactual_checkpoint"))]
 
-    def check_files(self) -> None:
-        missing = self.missing_files()
+    def check_files(self, truth: bool = True) -> None:
+        missing = self.missing_files(truth)
         if missing:
             fld, p = missing[0]
-            hint = " (run `auditor generate` or `auditor build` to build this sample's artifacts)" if self.build_factory else ""
+            what = "is a directory" if p.is_dir() else "file not found"
+            hint = ""
+            if self.build_factory and len(missing) == len(self.referenced_files()):
+                hint = " (run `auditor build` to build this sample's artifacts)"
             more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-            raise AuditorError(f"file not found: {p}{more}{hint}", where=f"{self.path}: {fld}")
+            raise AuditorError(f"{what}: {p}{more}{hint}", where=f"{self.path}: {fld}")
 
     def ensure_artifacts(self, progress: Callable[[str, float], None] | None = None) -> bool:
-        """Build missing artifacts with the YAML's ``build.factory``. Returns True if it built."""
-        if not self.missing_files():
+        """Build the artifacts with the YAML's ``build.factory`` when none of them exists (a fresh
+        sample). When only some are missing nothing is built — a rebuild would overwrite the
+        others — and the first missing one is reported. Returns True if it built."""
+        missing = self.missing_files()
+        if not missing:
             return False
-        if not self.build_factory:
+        if not self.build_factory or len(missing) != len(self.referenced_files()):
             self.check_files()
         fn = self.resolve(self.build_factory, "build.factory")
-        fn(self.root, progress)
+        call_user(fn, f"{self.path}: build.factory", self.root, progress)
         self.check_files()
         return True
 
@@ -141,10 +150,7 @@ class Pipeline:
         import torch
 
         fn = self.resolve(self.model_factory, "model.factory")
-        try:
-            model = fn(**self.model_kwargs)
-        except TypeError as exc:
-            raise AuditorError(f"calling {self.model_factory} failed: {exc}", where=f"{self.path}: model.kwargs") from None
+        model = call_user(fn, f"{self.path}: model.factory", **self.model_kwargs)
         if not isinstance(model, torch.nn.Module):
             raise AuditorError(f"{self.model_factory} returned {type(model).__name__}; expected a torch.nn.Module",
                                where=f"{self.path}: model.factory")
@@ -159,9 +165,10 @@ class Pipeline:
             sched = load_stage_log(s.log, stage=s.name, optimizer=s.optimizer, nesterov=s.nesterov, reset=s.reset,
                                    groups=[g.name for g in s.param_groups], first_step=next_step)
             next_step = sched.end_step
-            for j, (step, _) in enumerate(s.checkpoints):
-                if not sched.first_step <= step <= sched.end_step:
-                    raise AuditorError(f"step {step} lies outside the stage's steps "
+            raw_ck = self.raw["stages"][s.index].get("checkpoints", [])
+            for j, c in enumerate(raw_ck):
+                if not sched.first_step <= int(c["step"]) <= sched.end_step:
+                    raise AuditorError(f"step {c['step']} lies outside the stage's steps "
                                        f"[{sched.first_step}, {sched.end_step}]",
                                        where=f"{self.path}: stages[{s.index}].checkpoints[{j}].step")
             if param_names is not None:
@@ -176,6 +183,19 @@ class Pipeline:
         return out
 
 
+def call_user(fn: Callable, where: str, *args, **kwargs):
+    """Call user code (a factory, callable or replay entry point): whatever it raises — an exception
+    or even SystemExit — becomes a one-line AuditorError naming the YAML field."""
+    try:
+        return fn(*args, **kwargs)
+    except AuditorError:
+        raise
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - user code may raise anything
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise AuditorError(f"{getattr(fn, '__name__', fn)} raised {exc.__class__.__name__}: {first[:200]}",
+                           where=where) from None
+
+
 def resolve_callable(spec: str, root: Path, *, where: str) -> Callable:
     """Import ``module:function`` with ``root`` first on sys.path."""
     module, _, name = spec.partition(":")
@@ -185,6 +205,10 @@ def resolve_callable(spec: str, root: Path, *, where: str) -> Callable:
         except ImportError as exc:
             raise AuditorError(f"cannot import module {module!r} ({exc}); expected a module importable from "
                                f"{root} or installed", where=where) from None
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 - a module that fails while importing
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            raise AuditorError(f"importing module {module!r} raised {exc.__class__.__name__}: {first[:200]}",
+                               where=where) from None
     fn = getattr(mod, name, None)
     if not callable(fn):
         raise AuditorError(f"module {module!r} has no callable {name!r}", where=where)
@@ -203,6 +227,30 @@ def _on_path(root: Path):
         if added:
             with contextlib.suppress(ValueError):
                 sys.path.remove(entry)
+
+
+def _checkpoint_list(items: list[dict], rel, where: str) -> list[tuple[int, Path]]:
+    seen: dict[int, int] = {}
+    for j, c in enumerate(items):
+        if int(c["step"]) in seen:
+            raise AuditorError(f"step {c['step']} is listed twice (also checkpoints[{seen[int(c['step'])]}]); "
+                               "expected one checkpoint per step", where=f"{where}[{j}].step")
+        seen[int(c["step"])] = j
+    return sorted((int(c["step"]), rel(c["path"])) for c in items)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, but a mapping that repeats a key is an error (the last one would silently win)."""
+
+    def construct_mapping(self, node, deep=False):
+        keys = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in keys:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark)
+            keys.add(key)
+        return super().construct_mapping(node, deep)
 
 
 def _schema_message(err: jsonschema.ValidationError) -> tuple[str, str]:
@@ -224,14 +272,16 @@ def _schema_message(err: jsonschema.ValidationError) -> tuple[str, str]:
 def load_pipeline(path: str | Path) -> Pipeline:
     """Read and validate a pipeline YAML. Raises AuditorError with a one-line message on bad input."""
     path = Path(path)
+    if path.is_dir():
+        raise AuditorError("is a directory; expected a pipeline YAML file", where=str(path))
     if not path.is_file():
         raise AuditorError("file not found (expected a pipeline YAML)", where=str(path))
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         line = getattr(getattr(exc, "problem_mark", None), "line", None)
         at = f" (line {line + 1})" if line is not None else ""
-        raise AuditorError(f"not valid YAML{at}: {getattr(exc, 'problem', exc)}", where=str(path)) from None
+        raise AuditorError(f"not valid YAML{at}: {getattr(exc, 'problem', None) or exc}", where=str(path)) from None
     if not isinstance(raw, dict):
         raise AuditorError("expected a mapping at the top level", where=str(path))
     validator = jsonschema.Draft202012Validator(load_schema())
@@ -266,7 +316,7 @@ def load_pipeline(path: str | Path) -> Pipeline:
             index=i, name=s["name"], description=s.get("description", ""), owner=s["owner"], optimizer=kind,
             nesterov=bool(s["optimizer"].get("nesterov", False)), reset=bool(s["reset"]),
             start_checkpoint=rel(s["start_checkpoint"]), end_checkpoint=rel(s["end_checkpoint"]),
-            checkpoints=sorted((int(c["step"]), rel(c["path"])) for c in s.get("checkpoints", [])),
+            checkpoints=_checkpoint_list(s.get("checkpoints", []), rel, f"{where}.checkpoints"),
             optimizer_state=rel(s["optimizer_state"]) if s.get("optimizer_state") else None,
             log=rel(s["log"]),
             param_groups=[ParamGroup(g["name"], list(g["params"])) for g in s["param_groups"]],
@@ -299,18 +349,22 @@ def load_pipeline(path: str | Path) -> Pipeline:
             differentiable=diff, image_shape=tuple(data["image_shape"]) if "image_shape" in data else None,
         ))
 
+    gate_ids: set[str] = set()
     for i, g in enumerate(raw.get("policy", [])):
+        if g["id"] in gate_ids:
+            raise AuditorError(f"gate id {g['id']!r} is used twice; expected unique ids", where=f"{path}: policy[{i}].id")
+        gate_ids.add(g["id"])
         if g["behavior"] not in bnames:
             raise AuditorError(f"names behavior {g['behavior']!r}, which is not defined (behaviors: "
                                f"{', '.join(sorted(bnames))})", where=f"{path}: policy[{i}].behavior")
         if g["rule"] == "stage_effect" and g.get("stage") not in names:
-            raise AuditorError(f"rule stage_effect needs a stage among {', '.join(names)}; found {g.get('stage')!r}",
+            raise AuditorError(f"rule stage_effect needs a stage among {', '.join(sorted(names))}; found {g.get('stage')!r}",
                                where=f"{path}: policy[{i}].stage")
         if "min" in g and "max" in g and g["min"] > g["max"]:
             raise AuditorError(f"min {g['min']} is greater than max {g['max']}", where=f"{path}: policy[{i}]")
 
     return Pipeline(
-        path=path, root=root, raw=raw, system={**raw["system"], "version": str(raw["system"]["version"])},
+        path=path, root=root, raw=raw, system=dict(raw["system"]),
         model_factory=raw["model"]["factory"], model_kwargs=dict(raw["model"].get("kwargs", {})),
         build_factory=(raw.get("build") or {}).get("factory"), stages=stages, behaviors=behaviors,
         reviewers=list(raw.get("reviewers", [])), policy=list(raw.get("policy", [])),

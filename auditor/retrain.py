@@ -16,7 +16,7 @@ import torch
 
 from .checkpoints import load_optimizer_state, load_tensors
 from .errors import AuditorError
-from .pipeline import Pipeline
+from .pipeline import Pipeline, call_user
 
 Progress = Callable[[str, float], None]
 
@@ -61,11 +61,16 @@ def retrain_counterfactuals(pipeline: Pipeline, model: torch.nn.Module, progress
                     theta[n] = theta[n] + jump
             if st[j].reset:
                 opt = None
-            result = replay(model, st[j].name, theta, opt)
+            result = call_user(replay, f"{pipeline.path}: training.replay", model, st[j].name, theta, opt)
             if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], dict)):
                 raise AuditorError(f"{pipeline.training['replay']} returned {type(result).__name__}; expected "
                                    "(params, optimizer_state)", where=f"{pipeline.path}: training.replay")
             theta, opt = result
+            bad = sorted(n for n, v in theta.items() if isinstance(v, torch.Tensor) and v.is_floating_point()
+                         and not torch.isfinite(v).all())
+            if bad:
+                raise AuditorError(f"replaying stage {st[j].name!r} returned non-finite parameters ({bad[0]}); "
+                                   "expected finite weights", where=f"{pipeline.path}: training.replay")
             done += 1
         out[st[k].name] = {n: v.detach().clone() for n, v in theta.items()}
     return out, time.perf_counter() - t0

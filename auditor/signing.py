@@ -248,6 +248,9 @@ def generate_keypair(out_dir: Path, passphrase: bytes | None = None, *,
     out_dir = Path(out_dir)
     if not name or not name.strip():
         raise AuditorError("signer name is empty", where="--name")
+    if len(name.strip()) > 64:
+        raise AuditorError(f"signer name has {len(name.strip())} characters; an X.509 common name holds at most 64",
+                           where="--name")
     if out_dir.exists() and not out_dir.is_dir():
         raise AuditorError("exists and is not a directory", where=str(out_dir))
     paths = [out_dir / n for n in (PRIVATE_KEY_NAME, PUBLIC_KEY_NAME, PDF_KEY_NAME, PDF_CERT_NAME)]
@@ -770,4 +773,7 @@ def verify_report(report_dir: Path, public_key_path: Path, inputs_root: Path | N
         problem = _check_file(root / path, path, digest, size)  # absolute paths stay absolute
         if problem:
             problems.append(problem)
+    listed = {name for name, _, _ in files} | {MANIFEST_NAME, SIGNATURE_NAME, DSSE_NAME}
+    for extra in sorted(p for p in report_dir.iterdir() if p.is_file() and p.name not in listed):
+        problems.append(f"{extra.name}: not covered by the signature (not in {MANIFEST_NAME})")
     return problems

@@ -81,7 +81,9 @@ def _read_table(path: Path) -> pd.DataFrame:
         return pd.read_csv(path, dtype={"batch": str, "stage": str, "group": str}, keep_default_na=False,
                            na_values={c: ["", "nan", "NaN"] for c in (*SGD_COLUMNS, *ADAM_COLUMNS)})
     except (ValueError, OSError, ImportError) as exc:
-        raise AuditorError(f"cannot read the per-step log ({exc.__class__.__name__}: {exc})", where=str(path)) from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise AuditorError(f"cannot read the per-step log ({exc.__class__.__name__}: {first[:160]}); expected a CSV "
+                           "or Parquet table", where=str(path)) from None
 
 
 def load_stage_log(path: Path, *, stage: str, optimizer: str, nesterov: bool, reset: bool,
@@ -100,6 +102,13 @@ def load_stage_log(path: Path, *, stage: str, optimizer: str, nesterov: bool, re
         raise AuditorError(f"missing column(s) {', '.join(missing)}; expected {', '.join(required)}", where=where)
     if len(df) == 0:
         raise AuditorError("the log has no rows; expected one row per (step, parameter group)", where=where)
+    step_num = pd.to_numeric(df["step"], errors="coerce")
+    bad = step_num.isna() | (step_num != step_num.round())
+    if bad.any():
+        i = int(np.argmax(bad.to_numpy()))
+        raise AuditorError(f"column 'step' has value {df['step'].iloc[i]!r} at row {i + 2}; expected integer "
+                           "step indices", where=where)
+    df["step"] = step_num.astype("int64")
     try:
         df = _row_schema(optimizer).validate(df, lazy=False)
     except (pa.errors.SchemaError, pa.errors.SchemaErrors) as exc:
@@ -145,14 +154,20 @@ def load_stage_log(path: Path, *, stage: str, optimizer: str, nesterov: bool, re
 
     batches = None
     if "batch" in df.columns:
-        first_rows = order.drop_duplicates("step")
-        batches = []
-        for step, text in zip(first_rows["step"], first_rows["batch"]):
+        per_step: dict[int, list[int]] = {}
+        for step, text in zip(order["step"], order["batch"]):
             try:
-                batches.append([int(tok) for tok in str(text).split()])
+                ids = [int(tok) for tok in str(text).split()]
             except ValueError:
                 raise AuditorError(f"column 'batch' at step {step} is {str(text)[:40]!r}; expected "
                                    "space-separated integer example ids", where=where) from None
+            if not ids:
+                raise AuditorError(f"column 'batch' at step {step} is empty; expected the ids of the step's "
+                                   "examples", where=where)
+            if per_step.setdefault(int(step), ids) != ids:
+                raise AuditorError(f"column 'batch' differs between the parameter groups of step {step}; "
+                                   "expected the same minibatch on every row of a step", where=where)
+        batches = [per_step[int(t)] for t in uniq]
     return StageSchedule(
         stage=stage, optimizer=optimizer, nesterov=nesterov, reset=reset, first_step=start, groups=list(groups),
         lr=arr("lr"), momentum=arr("momentum"), weight_decay=arr("weight_decay"),
@@ -168,6 +183,8 @@ _CHECK_WORDS = {
     "less_than": "a value < 1 (0 <= momentum < 1, betas < 1)",
     "greater_than": "a value > 0",
     "not_nullable": "a number (no NaN or empty cells)",
+    "coerce_dtype('int64')": "an integer",
+    "coerce_dtype('float64')": "a number",
 }
 
 

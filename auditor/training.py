@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from .checkpoints import load_params
 from .errors import AuditorError
-from .pipeline import Pipeline
+from .pipeline import Pipeline, call_user
 
 
 def make_batch_loss(pipeline: Pipeline, model: torch.nn.Module, buffers: dict, *, dtype, device) -> Callable:
@@ -30,12 +30,11 @@ def make_batch_loss(pipeline: Pipeline, model: torch.nn.Module, buffers: dict, *
 
     def stage_tensors(stage: str):
         if stage not in cache:
-            d = data_fn(stage)
+            d = call_user(data_fn, f"{pipeline.path}: training.data", stage)
             if not isinstance(d, dict) or not {"x", "y"} <= set(d):
                 raise AuditorError(f"{tr['data']}({stage!r}) returned no dict with 'x' and 'y'",
                                    where=f"{pipeline.path}: training.data")
-            x = torch.as_tensor(d["x"]).to(device=device)
-            x = x.to(dtype) if x.is_floating_point() else x
+            x = torch.as_tensor(d["x"]).to(device=device, dtype=dtype)
             ids = torch.as_tensor(d["ids"]).tolist() if "ids" in d else list(range(len(d["y"])))
             cache[stage] = (x, torch.as_tensor(d["y"]).long().to(device), {int(i): r for r, i in enumerate(ids)})
         return cache[stage]
@@ -48,7 +47,11 @@ def make_batch_loss(pipeline: Pipeline, model: torch.nn.Module, buffers: dict, *
             raise AuditorError(f"batch id {exc.args[0]} of stage {stage!r} is not among the ids returned by "
                                f"{tr['data']}", where=f"{pipeline.path}: training.data") from None
         logits = torch.func.functional_call(model, {**buffers, **params}, (x[idx],))
-        return loss_fn(logits, y[idx])
+        loss = call_user(loss_fn, f"{pipeline.path}: training.loss", logits, y[idx])
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+            raise AuditorError(f"the training loss returned {getattr(loss, 'shape', type(loss).__name__)}; expected "
+                               "a scalar tensor (the mean over the batch)", where=f"{pipeline.path}: training.loss")
+        return loss
 
     return batch_loss
 

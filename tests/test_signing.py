@@ -445,7 +445,7 @@ def test_without_pdf_key_the_pdf_is_hashed_unsigned(unsigned, keys, tmp_path):
     kd.mkdir()
     shutil.copy(keys / "private.pem", kd / "private.pem")
     before = (report / "report.pdf").read_bytes()
-    files = {"html": report / "report.html", "pdf": report / "report.pdf"}
+    files = {"html": report / "report.html", "pdf": report / "report.pdf", "json": report / "results.json"}
     signing.sign_report_dir(report, files, INPUTS, dict(RESULTS, inputs_root=str(inputs)),
                             kd / "private.pem", PASSPHRASE, signer_name="Bob")
     assert (report / "report.pdf").read_bytes() == before
@@ -489,3 +489,14 @@ def test_verify_cli_bad_paths_exit_2(work, keys, tmp_path):
     assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1 and "nope" in r.output
     r = CliRunner().invoke(verify, [str(report), "--public-key", str(tmp_path / "missing.pem")])
     assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1 and "missing.pem" in r.output
+
+
+def test_a_file_added_after_signing_is_named(unsigned, keys, tmp_path):
+    report, inputs = _copy_unsigned(unsigned, tmp_path / "c")
+    files = {p.name: p for p in report.iterdir() if p.is_file()}
+    signing.sign_report_dir(report, files, INPUTS, dict(RESULTS, inputs_root=str(inputs)),
+                            keys / "private.pem", PASSPHRASE, signer_name="Bob")
+    assert signing.verify_report(report, keys / "public.pem") == []
+    (report / "report-v2.html").write_text("<p>unsigned</p>")
+    assert signing.verify_report(report, keys / "public.pem") == [
+        "report-v2.html: not covered by the signature (not in manifest.json)"]

@@ -211,3 +211,8 @@ def np_close(a, b, rtol):
     scale = max(np.abs(b).max(), 1e-12)
     return float(np.abs(a - b).max() / scale) <= rtol, float(np.abs(a - b).max() / scale)
 
+
+
+def build_artifacts(root, progress=None):
+    """A stand-in build factory: records that it ran (tests check when auditor calls it)."""
+    (Path(root) / "BUILT").write_text("1")
