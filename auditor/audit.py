@@ -238,7 +238,8 @@ def estimate(pipeline: Pipeline | str | Path, config: AuditConfig | None = None,
     if config.retrain:
         from .retrain import retrain_counterfactuals
 
-        retrained, timing["retrain_s"] = retrain_counterfactuals(pipeline, model, progress)
+        sub = (lambda msg, frac: progress(msg, 0.05 + 0.05 * frac)) if progress else None  # within 5–10 %
+        retrained, timing["retrain_s"] = retrain_counterfactuals(pipeline, model, sub)
         cf_params = {name: {n: sd[n].to(device=device, dtype=dtype) for n in names} for name, sd in retrained.items()}
         truth_source = "retraining (training.replay)"
     primary_name = next((t for t in ("secant", "exact", "spectral") if t in tier_embeds), "shifted")
@@ -515,7 +516,7 @@ def _extreme(b: dict, sign: int, primary: str) -> dict | None:
         t_stage = max(b["truth"], key=lambda s: sign * b["truth"][s])
         agrees = bool(t_stage == stage and sign * b["truth"][stage] > 0)
     return {"stage": stage, "effect": eff[stage], "share": b["share"][stage], "truth": b["truth"].get(stage),
-            "truth_agrees": agrees}
+            "truth_same_stage": agrees}
 
 
 def _summary(behaviours: list[dict], primary: str) -> list[dict]:
@@ -530,7 +531,7 @@ def _summary(behaviours: list[dict], primary: str) -> list[dict]:
             truth_top = max(b["truth"], key=lambda s: abs(b["truth"][s]))
         out.append({"behavior": b["name"], "stage": stage, "direction": "raised" if eff[stage] > 0 else "lowered",
                     "effect": eff[stage], "share": b["share"][stage], "truth": b["truth"].get(stage),
-                    "truth_agrees": None if truth_top is None else
+                    "truth_same_stage": None if truth_top is None else
                     bool(truth_top == stage and np.sign(b["truth"][stage]) == np.sign(eff[stage])),
                     # the diagnostics judge the first-order (AA) estimates, not a curvature tier
                     "trusted": b["diagnostics"][stage]["trusted"] if primary == "shifted" else None,

@@ -8,6 +8,7 @@ import json
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import click
@@ -29,14 +30,14 @@ def handle_errors(fn):
         try:
             return fn(*args, **kwargs)
         except (AuditorError, VerificationError, GateFailure) as exc:
-            if debug:
-                raise
+            if debug:  # the traceback, and still the domain exit code
+                traceback.print_exc()
             _fail(str(exc), exc.exit_code)
         except KeyboardInterrupt:
             _fail("interrupted; nothing was written", 130)
         except Exception as exc:  # noqa: BLE001 - the last line of defence of a CLI
             if debug:
-                raise
+                traceback.print_exc()
             _fail(f"internal error: {exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
                   "(rerun with `auditor --debug ...` for the traceback)", 4)
 

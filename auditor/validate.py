@@ -41,7 +41,7 @@ def validate_pipeline(path: str | Path | Pipeline) -> str:
         _check_batches(p, schedules)
     steps = schedules[-1].end_step
     return (f"{len(p.stages)} stages, {steps} steps, {len(p.behaviors)} behaviours "
-            f"({n_examples} evaluation examples), {len(p.policy)} release gates")
+            f"({n_examples} evaluation examples), {len(p.policy)} release gate{'' if len(p.policy) == 1 else 's'}")
 
 
 def _check_batches(p: Pipeline, schedules) -> None:

@@ -127,6 +127,7 @@ def test_schema_command_prints_the_json_schema():
     assert json.loads(r.output)["title"].startswith("auditor")
 
 
-def test_debug_shows_traceback(tmp_path):
+def test_debug_shows_traceback_and_keeps_the_exit_code(tmp_path):
     r = CliRunner().invoke(cli, ["--debug", "validate", str(tmp_path / "missing.yaml")])
-    assert r.exit_code != 0 and r.exception is not None
+    assert r.exit_code == 2
+    assert "Traceback" in r.output and r.output.strip().splitlines()[-1].startswith("error: ")

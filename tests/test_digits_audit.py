@@ -23,7 +23,7 @@ def results(tmp_path_factory):
 def test_spurious_stage_raised_the_probe_most_and_truth_agrees(results):
     s = next(x for x in results["summary"] if x["behavior"] == "spurious_probe")
     assert s["raised_most"]["stage"] == "finetune"
-    assert s["raised_most"]["truth_agrees"] is True
+    assert s["raised_most"]["truth_same_stage"] is True
     probe = next(b for b in results["behaviors"] if b["name"] == "spurious_probe")
     truth = probe["truth"]
     assert max(truth, key=truth.get) == "finetune" and truth["finetune"] > 0

@@ -247,7 +247,7 @@ def behavior_chart(behavior: dict, stage_names: list[str], estimators: list[str]
             axw.tick_params(axis="x", labelsize=6.5)
             axw.axhline(0, color="black", lw=0.6)
             axw.margins(y=0.08)
-            axw.set_title(f"Waterfall, {mpl_text(primary)} (red raised, blue lowered)", loc="left", fontsize=8)
+            axw.set_title(f"Waterfall, {mpl_text(primary)} (orange raised, blue lowered)", loc="left", fontsize=8)
             axw.set_ylabel(mpl_text(_short(behavior.get("name", ""), 30)))
         else:
             axw.set_axis_off()

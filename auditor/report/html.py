@@ -59,8 +59,11 @@ TIER_TEXT = {
              "accuracy tier; it costs about as much as retraining). Run in forward mode, one propagation per "
              "stage: the per-example effects need every example's value, for which the adjoint form (one "
              "backward sweep per behaviour) would need one sweep per example.",
-    "secant": "as exact, with each Hessian-vector product replaced by a difference of gradients, which keeps "
-              "the loss's nonlinearity along the change (forward mode, one propagation per stage).",
+    "secant": "the stage's change is carried through every later step on that step's own batch, at the nearest "
+              "recorded checkpoint, using the difference of the loss gradients with and without the change (where "
+              "the exact tier would use a Hessian-vector product): identical on quadratic losses, and it keeps the "
+              "loss's nonlinearity along the change. It costs about as much as retraining (forward mode, one "
+              "propagation per stage).",
     "spectral": "the cheap curvature tier: the Hessian is held fixed on each segment of later training and "
                 "only its largest eigen-directions are propagated; the rest follows the AA recurrence.",
 }
@@ -341,7 +344,7 @@ def _summary_items(results: Mapping, behaviors: list[dict], stage_names: list[st
         factual = _num(b.get("factual"))
         truth = _num((b.get("truth") or {}).get(stage))
         agreement = truth_agreement(eff, truth)
-        # (the results' own summary.truth_agrees answers another question: whether retraining names the
+        # (the results' own summary.truth_same_stage answers another question: whether retraining names the
         # same most accountable stage; that is said below when every stage's truth is known)
         truths = {k: _num((b.get("truth") or {}).get(k)) for k in stage_names}
         truth_top = max(stage_names, key=lambda k: abs(truths[k])) if stage_names and all(
@@ -358,6 +361,8 @@ def _summary_items(results: Mapping, behaviors: list[dict], stage_names: list[st
                             f"from {fmt_num(factual)} to {fmt_num(factual - eff)} ({fmt_signed(-eff)})")
             else:
                 sentence = f"Removing the {stage} stage would change {b['name']} by {fmt_signed(-eff)}"
+            if _diag_trusted(diagnostics, stage, b["name"]) is False:
+                sentence += " (an estimate the diagnostics do not trust)"
             if agreement is None:
                 sentence += "; no retraining result is available to check it."
             else:
@@ -374,6 +379,18 @@ def _summary_items(results: Mapping, behaviors: list[dict], stage_names: list[st
             "trusted": _diag_trusted(diagnostics, stage, b["name"]),
         })
     return items
+
+
+def _first_stage_fidelity(behaviors: list[dict], stage_names: list[str]) -> dict | None:
+    """The range of per-example Pearson correlations on the first stage, over estimators and behaviours."""
+    if not stage_names:
+        return None
+    vals = [_num(m.get("pearson")) for b in behaviors
+            for m in ((b.get("fidelity") or {}).get(stage_names[0]) or {}).values() if isinstance(m, Mapping)]
+    vals = [v for v in vals if v is not None]
+    if not vals:
+        return None
+    return {"stage": stage_names[0], "low": fmt_ratio(min(vals)), "high": fmt_ratio(max(vals))}
 
 
 def _extremes(results: Mapping, behaviors: list[dict]) -> list[dict]:
@@ -398,7 +415,7 @@ def _extremes(results: Mapping, behaviors: list[dict]) -> list[dict]:
                 continue
             row[side] = {"stage": x.get("stage"), "effect": fmt_signed(x.get("effect")),
                          "truth": fmt_signed(x.get("truth")) if x.get("truth") is not None else None,
-                         "agrees": x.get("truth_agrees"),
+                         "agrees": x.get("truth_same_stage"),
                          "truth_stage": (f"{truth_stage} ({fmt_signed(cands[truth_stage])})" if truth_stage
                                          else "no stage")}
         out.append(row)
@@ -632,6 +649,7 @@ def build_context(results: Mapping, images: Mapping[str, Any] | None = None, *,
         "stages": stages,
         "behaviors": bviews,
         "summary": _summary_items(results, behaviors, stage_names, primary, diagnostics),
+        "first_stage_fidelity": _first_stage_fidelity(behaviors, stage_names),
         "extremes": _extremes(results, behaviors),
         "truth_source": str(results.get("truth_source") or ""),
         "tiers": [e for e in estimators if e in TIER_TEXT],
