@@ -325,6 +325,7 @@ def scatter_chart(behavior: dict, stage_names: list[str], estimators: list[str],
                 v = np.asarray(v, dtype=float)
                 lo, hi = min(lo, float(v.min())), max(hi, float(v.max()))
                 h = ax.scatter(t[idx], v[idx], s=4, alpha=0.6, linewidths=0, color=estimator_color(e, all_estimators),
+                               rasterized=True,
                                label=mpl_text(e))
                 handles.setdefault(e, h)
             pad = 0.05 * (hi - lo or 1.0)
