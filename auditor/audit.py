@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import os
 import platform
 import sys
@@ -25,6 +24,7 @@ from .checkpoints import load_momentum, load_params, load_tensors
 from .errors import AuditorError
 from .estimators import ESTIMATORS, axpy, embedding
 from .fidelity import compare
+from .jsonsafe import sanitize, sha256_file
 from .pipeline import Pipeline, call_user, load_pipeline
 from .propagation import propagation_coefficients
 
@@ -91,14 +91,6 @@ class InputRecord:
     bytes: int
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 @dataclass
 class AuditResult:
     """The numbers of one audit. ``data`` is the JSON-able dict (docs/DESIGN.md);
@@ -160,7 +152,7 @@ def estimate(pipeline: Pipeline | str | Path, config: AuditConfig | None = None,
 
     def record(role: str, path: Path):
         if all(r.path != path for r in inputs):
-            inputs.append(InputRecord(role, path, sha256_file(path), path.stat().st_size))
+            inputs.append(InputRecord(role, path, *sha256_file(path)))
 
     record("pipeline", pipeline.path.resolve())
     model = pipeline.build_model().to(device=device, dtype=dtype)
@@ -373,7 +365,7 @@ def estimate(pipeline: Pipeline | str | Path, config: AuditConfig | None = None,
         "versions": {"auditor": __version__, "torch": torch.__version__, "numpy": np.__version__,
                      "python": sys.version.split()[0], "platform": platform.platform(terse=True)},
     }
-    _sanitize(data)
+    data = sanitize(data)
     return AuditResult(data=data, pipeline=pipeline, inputs=inputs, images=images, timing=timing)
 
 
@@ -537,19 +529,3 @@ def _summary(behaviours: list[dict], primary: str) -> list[dict]:
                     "trusted": b["diagnostics"][stage]["trusted"] if primary == "shifted" else None,
                     "raised_most": _extreme(b, +1, primary), "lowered_most": _extreme(b, -1, primary)})
     return out
-
-
-def _sanitize(obj):
-    """Replace non-finite floats by None in place (JSON has no NaN)."""
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            if isinstance(v, float):
-                obj[k] = _num(v)
-            else:
-                _sanitize(v)
-    elif isinstance(obj, list):
-        for i, v in enumerate(obj):
-            if isinstance(v, float):
-                obj[i] = _num(v)
-            else:
-                _sanitize(v)

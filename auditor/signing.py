@@ -65,6 +65,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.x509.oid import NameOID
 
 from auditor.errors import AuditorError
+from auditor.jsonsafe import sha256_file
 
 PRIVATE_KEY_NAME = "private.pem"
 PUBLIC_KEY_NAME = "public.pem"
@@ -92,14 +93,6 @@ _TOOL_PACKAGES = ("torch", "numpy", "safetensors", "weasyprint", "pyhanko", "cry
 def canonical_json(obj: Any) -> bytes:
     """The canonical bytes of a JSON document (what is signed)."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
-
-
-def sha256_file(path: Path) -> tuple[str, int]:
-    """(hex SHA-256, size in bytes) of a file, read in chunks."""
-    with open(path, "rb") as f:
-        digest = hashlib.file_digest(f, "sha256")
-        size = f.tell()
-    return digest.hexdigest(), size
 
 
 def signing_time() -> datetime:

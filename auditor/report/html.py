@@ -24,6 +24,7 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from markupsafe import Markup
 
 from auditor.errors import AuditorError
+from auditor.jsonsafe import sanitize  # re-exported as auditor.report.sanitize
 
 from . import charts
 
@@ -72,28 +73,6 @@ MINUS = "\u2212"
 
 
 # ----------------------------------------------------------------------------- numbers
-
-
-def sanitize(obj: Any) -> Any:
-    """A JSON-ready copy: non-finite floats become None, numpy scalars/arrays become Python ones."""
-    if isinstance(obj, Mapping):
-        return {str(k): sanitize(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [sanitize(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return sanitize(obj.tolist())
-    if isinstance(obj, (bool, np.bool_)):
-        return bool(obj)
-    if isinstance(obj, (int, np.integer)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        x = float(obj)
-        return x if math.isfinite(x) else None
-    if obj is None or isinstance(obj, str):
-        return obj
-    if isinstance(obj, Path):
-        return str(obj)
-    raise AuditorError(f"cannot write a value of type {type(obj).__name__} to results.json", where="results")
 
 
 def _dumps(clean: Mapping) -> bytes:
