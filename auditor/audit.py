@@ -234,6 +234,7 @@ def estimate(pipeline: Pipeline | str | Path, config: AuditConfig | None = None,
         retrained, timing["retrain_s"] = retrain_counterfactuals(pipeline, model, sub)
         cf_params = {name: {n: sd[n].to(device=device, dtype=dtype) for n in names} for name, sd in retrained.items()}
         truth_source = "retraining (training.replay)"
+    estimator_names = [*ESTIMATORS, *tier_embeds]
     primary_name = next((t for t in ("secant", "exact", "spectral") if t in tier_embeds), "shifted")
     t_est = time.perf_counter()
     form_s: dict[str, float] = {}
@@ -292,7 +293,7 @@ def estimate(pipeline: Pipeline | str | Path, config: AuditConfig | None = None,
             for i, b, mask, g in grp["members"]:
                 o = out[i]
                 forms = {}
-                for name in ESTIMATORS_ALL(tier_embeds):
+                for name in estimator_names:
                     if name in z_cf:
                         forms[name] = timed(name, lambda zc=z_cf[name]: o["f_T"] - g(zc[mask]))
                     elif b.differentiable:
@@ -352,7 +353,7 @@ def estimate(pipeline: Pipeline | str | Path, config: AuditConfig | None = None,
         "pipeline": {"path": str(pipeline.path), "sha256": inputs[0].sha256},
         "generated_at": generated_at(),
         "device": str(device), "dtype": config.dtype,
-        "estimators": [*ESTIMATORS, *tier_embeds], "primary_estimator": primary_name, "truth_source": truth_source,
+        "estimators": estimator_names, "primary_estimator": primary_name, "truth_source": truth_source,
         "tiers": {t: {"rank": config.rank, "batches": config.spectral_batches} if t == "spectral" else
                   {"mode": "forward (one propagation per stage)", "checkpoints": "nearest recorded at or before each step",
                    "step": "gradient difference" if t == "secant" else "Hessian-vector product"}
@@ -372,10 +373,6 @@ def estimate(pipeline: Pipeline | str | Path, config: AuditConfig | None = None,
 TRUST_GAP = 0.25  # |linear − shifted| / (|linear| + |shifted|) above this: the effect is not first-order
 TRUST_MOTION = 1.0  # later training moved the weights farther than the stage itself did
 TRUST_DISPLACEMENT = 0.3  # removing the stage moves the weights by 30% of their norm: not a small perturbation
-
-
-def ESTIMATORS_ALL(tier_embeds: dict) -> list[str]:  # noqa: N802 - reads like the constant it extends
-    return [*ESTIMATORS, *tier_embeds]
 
 
 def _no_grad(fn, arg):
