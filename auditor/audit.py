@@ -391,7 +391,7 @@ def _curvature_embeddings(pipeline, config, model, buffers, names, shapes, sched
     from .training import make_batch_loss, make_checkpoint_at
 
     batch_loss = make_batch_loss(pipeline, model, buffers, dtype=dtype, device=device)
-    ck = make_checkpoint_at(pipeline, names, shapes, dtype=dtype, device=device)
+    ck = make_checkpoint_at(pipeline, schedules, names, shapes, dtype=dtype, device=device)
     for sch in schedules:
         if sch.batches is None:
             raise AuditorError("the curvature tier needs each step's batch; expected a 'batch' column",

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from .checkpoints import load_params
 from .errors import AuditorError
 from .pipeline import Pipeline, call_user
+from .steplog import StageSchedule
 
 
 def make_batch_loss(pipeline: Pipeline, model: torch.nn.Module, buffers: dict, *, dtype, device) -> Callable:
@@ -56,14 +57,15 @@ def make_batch_loss(pipeline: Pipeline, model: torch.nn.Module, buffers: dict, *
     return batch_loss
 
 
-def make_checkpoint_at(pipeline: Pipeline, names: list[str], shapes: dict, *, dtype, device) -> Callable:
-    """Nearest recorded checkpoint at or before a global step (stage starts, intermediates, ends)."""
-    return _CheckpointIndex(pipeline, names, shapes, dtype, device)
+def make_checkpoint_at(pipeline: Pipeline, schedules: list[StageSchedule], names: list[str], shapes: dict, *,
+                       dtype, device) -> Callable:
+    """Nearest recorded checkpoint at or before a global step (stage starts, intermediates, ends);
+    ``schedules`` are the pipeline's validated step logs (they give each stage's step range)."""
+    return _CheckpointIndex(pipeline, schedules, names, shapes, dtype, device)
 
 
 class _CheckpointIndex:
-    def __init__(self, pipeline: Pipeline, names, shapes, dtype, device):
-        schedules = pipeline.load_schedules()
+    def __init__(self, pipeline: Pipeline, schedules: list[StageSchedule], names, shapes, dtype, device):
         pts: dict[int, object] = {}
         for s, sch in zip(pipeline.stages, schedules):
             pts[sch.first_step] = s.start_checkpoint  # a stage's own start wins over the previous end

@@ -133,3 +133,29 @@ def test_zero_lr_stage(tmp_path, reset_after):
                 assert np_close(est, tru, RTOL)[0], b["name"]
         if not reset_after and b["kind"] == "loss":
             assert np.abs(tru).max() > 1e-6  # the carried buffer really mattered
+
+
+def test_vectorised_stage_product_equals_step_by_step_reference(tmp_path):
+    """propagation.stage_product (all groups, vectorised) against the explicit 2×2 loop, on schedules
+    with μ = 0 steps, Nesterov, weight decay and AdamW; and §3.3: a further skipped stage's own
+    product is left out of (α, β)."""
+    import numpy as np
+
+    from auditor.propagation import R, propagation_coefficients, stage_product, stage_product_reference
+
+    stages = [StageSpec("a", steps=5, momentum={"w": momentum_with_zero_steps, "b": 0.5}),
+              StageSpec("b", reset=False, nesterov=True, steps=4, weight_decay={"w": 0.05, "b": 0.02}),
+              StageSpec("c", kind="adamw", reset=True, steps=3, weight_decay={"w": 0.1, "b": 0.0})]
+    p = load_pipeline(write_pipeline(tmp_path, stages))
+    names = [n for n, _ in p.build_model().named_parameters()]
+    sch = p.load_schedules(names)
+    for s in sch:
+        fast = stage_product(s)
+        for g in s.groups:
+            assert np.allclose(fast[s.group_index(g)], stage_product_reference(s, g), rtol=1e-14, atol=0)
+    full = propagation_coefficients(sch, 0, names)
+    skip_b = propagation_coefficients(sch, 0, names, skipped=frozenset({1}))
+    for n in names:
+        g = lambda s: s.group_index(s.param_group[n])  # noqa: E731
+        expected = stage_product(sch[2])[g(sch[2])] @ R @ np.eye(2)  # stage b's steps left out; c resets
+        assert np.allclose(skip_b[n], expected[0]) and not np.allclose(skip_b[n], full[n])
