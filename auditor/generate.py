@@ -120,8 +120,7 @@ def generate(pipeline_path: str | Path, config: GenerateConfig | None = None,
 
             if progress:
                 progress("signing", 0.99)
-            extra = sign_report_dir(tmp, files, data["inputs"], data, config.sign_key, config.passphrase)
-            files = {**files, **(extra if isinstance(extra, dict) else {})}
+            files["manifest"] = sign_report_dir(tmp, files, data["inputs"], data, config.sign_key, config.passphrase)
         out.mkdir(parents=True, exist_ok=True)
         written = sorted(tmp.iterdir())
         for item in written:
