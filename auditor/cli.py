@@ -104,14 +104,17 @@ def build(pipeline, quiet):
 @click.option("--no-build", is_flag=True, help="Do not build missing sample artifacts; fail instead.")
 @click.option("--retrain", is_flag=True,
               help="Compute the retraining truth by replaying later stages (YAML training.replay).")
-@click.option("--tier", "tiers", multiple=True, type=click.Choice(["exact", "secant", "spectral"]),
+@click.option("--tier", "tiers", multiple=True, type=click.Choice(["exact", "spectral"]),
               help="Add a curvature-aware estimator (needs training.data); repeat the option.")
+@click.option("--curvature", type=click.Choice(["secant", "hessian"]), default="secant", show_default=True,
+              help="The exact tier's step: gradient difference along the change (secant) or a Hessian-vector "
+                   "product at the checkpoint (hessian).")
 @click.option("--rank", default=20, show_default=True, type=click.IntRange(1, 1000),
               help="Eigen-directions per segment for --tier spectral.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
 @handle_errors
 def generate(pipeline, out_dir, formats, page_size, sign_key, passphrase_env, device, dtype, no_build, retrain,
-             tiers, rank, quiet):
+             tiers, curvature, rank, quiet):
     """Audit PIPELINE and write the accountability report.
 
     Exits 3 when a release gate of the YAML's policy fails (the report is still written)."""
@@ -130,7 +133,7 @@ def generate(pipeline, out_dir, formats, page_size, sign_key, passphrase_env, de
     config = GenerateConfig(out_dir=out_dir, formats=tuple(formats) or FORMATS, page_size=page_size,
                             sign_key=sign_key, passphrase=passphrase,
                             audit=AuditConfig(device=device, dtype=dtype, build=not no_build, retrain=retrain,
-                                                  tiers=tuple(tiers), rank=rank))
+                                                  tiers=tuple(tiers), curvature=curvature, rank=rank))
     from .audit import generated_at
 
     generated_at()  # a bad SOURCE_DATE_EPOCH fails now, not after the audit

@@ -20,7 +20,13 @@ step-t minibatch loss (the AA estimator of §3.1 sets it to 0):
 
 Three tiers live here:
 
-* :func:`propagate_exact` — forward, one HVP per later step (the accuracy tier).
+* :func:`propagate_exact` — forward, one curvature product per later step (the accuracy tier).
+  Two curvature products (``curvature=``), both exact on quadratic losses:
+  ``"hessian"``: H(θ_c) δθ, the Hessian at the checkpoint θ_c (an HVP, ESTIMATORS.md §3.2 as
+  written); ``"secant"``: the Hessian averaged along the segment from θ_c − δθ to θ_c, applied to
+  δθ, i.e. (∫₀¹ H(θ_c − s δθ) ds) δθ = ∇L(θ_c) − ∇L(θ_c − δθ), computed exactly by two
+  gradients. The secant product keeps the loss's nonlinearity along δθ, which decides the
+  estimate when δθ is large (an early stage followed by much training).
 * :func:`adjoint_sweep` / :func:`adjoint_exact` — the transpose (SGD stages only): one backward
   sweep per behaviour gives the covectors at every stage boundary.
 * :func:`spectral_segments` / :func:`propagate_spectral` — the cheap tier: H held constant on a
@@ -48,6 +54,7 @@ from torch import Tensor
 from .steplog import StageSchedule
 
 __all__ = [
+    "CURVATURES",
     "HVPCounter",
     "hessian_vector_product",
     "propagate_exact",
@@ -61,6 +68,7 @@ __all__ = [
 ]
 
 Params = dict[str, Tensor]
+CURVATURES = ("secant", "hessian")
 BatchLoss = Callable[[Params, str, list[int]], Tensor]
 CheckpointAt = Callable[[int], Params]
 OptimStateAt = Callable[[str], "dict | None"]
@@ -265,12 +273,12 @@ def propagate_exact(delta_theta: Params, delta_m: Params | None, later: Sequence
                     optimizer_state_at_stage_start: OptimStateAt | None = None,
                     cf_optimizer_state: "dict | None | _Unset" = _UNSET,
                     progress: Progress | None = None, counter: HVPCounter | None = None,
-                    return_state: bool = False, secant: bool = False):
-    """Propagate the boundary difference through every later step with HVPs (exact tier).
+                    return_state: bool = False, curvature: str = "hessian"):
+    """Propagate the boundary difference through every later step (exact tier).
 
-    ``secant=True`` replaces each H δθ by the gradient difference ∇L(θ_c) − ∇L(θ_c − δθ) at the
-    same checkpoint θ_c (:func:`gradient_difference`): identical on quadratics, and it keeps the
-    nonlinearity of the loss along δθ (the "secant" tier).
+    ``curvature``: "hessian" = H(θ_c) δθ by an HVP (:func:`hessian_vector_product`); "secant" =
+    the segment-averaged Hessian times δθ, ∇L(θ_c) − ∇L(θ_c − δθ) (:func:`gradient_difference`):
+    identical on quadratics, and it keeps the nonlinearity of the loss along δθ.
 
     Inputs: ``delta_theta`` = Δ_k = θ_{b_k} − θ_{a_k} (dict of tensors, any shapes);
     ``delta_m`` = δm_{b_k} (SGD momentum-buffer difference, used when ``later[0]`` is an SGD
@@ -293,7 +301,9 @@ def propagate_exact(delta_theta: Params, delta_m: Params | None, later: Sequence
     explicitly in that case). At a later AdamW stage that carries, the factual moments are
     re-synchronised to the recorded state and the counterfactual ones keep their difference.
     """
-    step_fn = gradient_difference if secant else hessian_vector_product
+    if curvature not in CURVATURES:
+        raise ValueError(f"curvature {curvature!r}; expected one of {CURVATURES}")
+    step_fn = gradient_difference if curvature == "secant" else hessian_vector_product
     keys = list(delta_theta)
     dth = {k: v.detach().clone() for k, v in delta_theta.items()}
     dm = {k: (delta_m[k].detach().to(dth[k]).clone() if delta_m is not None and k in delta_m

@@ -704,7 +704,7 @@ def test_secant_sgd_equals_retraining_on_quadratic(k):
     theta_cf, _, _ = retrain(model.theta0, stages, model, skip=stages[k].stage)
     delta, dm = boundary(stages, k, traj, states, model.theta0)
     at = ckpt_fn(traj, [st.first_step for st in stages])
-    e = cv.propagate_exact(delta, dm, stages[k + 1:], model, at, secant=True)
+    e = cv.propagate_exact(delta, dm, stages[k + 1:], model, at, curvature="secant")
     assert rel_err(e, sub(theta_T, theta_cf)) < 1e-6
 
 
@@ -720,7 +720,7 @@ def test_secant_sgd_with_every_checkpoint_is_retraining_on_a_nonquadratic(k):
     theta_cf, _, _ = retrain(model.theta0, stages, model, skip=stages[k].stage)
     truth = sub(theta_T, theta_cf)
     delta, dm = boundary(stages, k, traj, states, model.theta0)
-    e = cv.propagate_exact(delta, dm, stages[k + 1:], model, ckpt_fn(traj), secant=True)
+    e = cv.propagate_exact(delta, dm, stages[k + 1:], model, ckpt_fn(traj), curvature="secant")
     assert rel_err(e, truth) < 1e-6
     e_hvp = cv.propagate_exact(delta, dm, stages[k + 1:], model, ckpt_fn(traj))
     assert rel_err(e_hvp, truth) > 1e-6
@@ -732,7 +732,39 @@ def test_secant_adamw_equals_retraining_on_quadratic():
     theta_T, traj, states = retrain(model.theta0, stages, model)
     theta_cf, _, _ = retrain(model.theta0, stages, model, skip=stages[1].stage)
     delta, dm = boundary(stages, 1, traj, states, model.theta0)
-    e = cv.propagate_exact(delta, dm, stages[2:], model, ckpt_fn(traj), secant=True,
+    e = cv.propagate_exact(delta, dm, stages[2:], model, ckpt_fn(traj), curvature="secant",
                            optimizer_state_at_stage_start=optstate_fn(states),
                            cf_optimizer_state=states[("start", stages[1].stage)])
     assert rel_err(e, sub(theta_T, theta_cf)) < 1e-6
+
+
+# --------------------------------------------------------------------------------------------
+# the exact tier's settings in the audit: curvature product and forward/adjoint choice
+
+
+def test_unknown_curvature_is_refused():
+    from auditor import AuditConfig
+    from auditor.errors import AuditorError
+
+    with pytest.raises(AuditorError, match="curvature 'newton'; expected one of secant, hessian"):
+        AuditConfig(curvature="newton")
+    with pytest.raises(ValueError, match="curvature"):
+        model = LinearMSE(seed=3)
+        stages = sgd_scenario(model)
+        cv.propagate_exact(model.theta0, None, stages[1:], model, lambda t: model.theta0, curvature="newton")
+
+
+def test_direction_choice_counts_products():
+    """Forward: Σ_k (steps after stage k). Adjoint: one sweep back to the end of stage 1 per covector."""
+    from auditor.audit import exact_tier_direction
+
+    later = [300, 100, 0]  # steps after each of 3 stages
+    d = exact_tier_direction(later, 597, "hessian", True)
+    assert (d["direction"], d["forward_products"], d["adjoint_products"]) == ("forward", 400, 597 * 300)
+    assert "cheaper" in d["reason"]
+    # one covector, many stages: the adjoint would be cheaper — the report must say why it is not used
+    d = exact_tier_direction([900, 800, 700, 600, 0], 1, "hessian", True)
+    assert d["adjoint_products"] == 900 < d["forward_products"] == 3000
+    assert "linear form" in d["reason"]
+    assert exact_tier_direction(later, 1, "secant", True)["adjoint_products"] is None
+    assert "SGD" in exact_tier_direction(later, 1, "hessian", False)["reason"]

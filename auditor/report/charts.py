@@ -48,7 +48,6 @@ _EST_COLORS = {
     "midpoint": "#56B4E9",
     "shifted": "#0072B2",
     "exact": "#009E73",
-    "secant": "#8C564B",
     "spectral": "#CC79A7",
 }
 _EXTRA_COLORS = ["#D55E00", "#F0E442", "#000000"]

@@ -52,22 +52,40 @@ SECTION_IDS = frozenset(s for s, _ in SECTIONS)
 # Forms tried, in order, when the primary estimator has no value (e.g. linear on accuracy).
 # The naive checkpoint difference is a baseline, never a fallback.
 _FALLBACK = ("shifted", "midpoint", "linear")
+#: The estimators the diagnostics judge directly (first order along the stage embedding).
+_FIRST_ORDER = ("naive", "linear", "midpoint", "shifted")
 TOP_K = 5
 #: Plain-words descriptions of the curvature-aware estimators (ESTIMATORS.md 3.2), when present.
 TIER_TEXT = {
-    "exact": "curvature-aware propagation: the stage's change is carried through every later step with "
-             "Hessian-vector products on that step's own batch, at the nearest recorded checkpoint (the "
-             "accuracy tier; it costs about as much as retraining). Run in forward mode, one propagation per "
-             "stage: the per-example effects need every example's value, for which the adjoint form (one "
-             "backward sweep per behaviour) would need one sweep per example.",
-    "secant": "the stage's change is carried through every later step on that step's own batch, at the nearest "
-              "recorded checkpoint, using the difference of the loss gradients with and without the change (where "
-              "the exact tier would use a Hessian-vector product): identical on quadratic losses, and it keeps the "
-              "loss's nonlinearity along the change. It costs about as much as retraining (forward mode, one "
-              "propagation per stage).",
+    "exact": "curvature-aware propagation (the accuracy tier; it costs about as much as retraining): the stage's "
+             "change is carried through every later step on that step's own batch, at the nearest recorded "
+             "checkpoint, with how the loss gradient responds to the change. ",
     "spectral": "the cheap curvature tier: the Hessian is held fixed on each segment of later training and "
                 "only its largest eigen-directions are propagated; the rest follows the AA recurrence.",
 }
+#: How the exact tier's gradient response is computed, by ``tiers.exact.curvature`` in results.json.
+CURVATURE_TEXT = {
+    "secant": "That response is the difference of the loss gradients with and without the change (the Hessian "
+              "averaged along the change): identical to a Hessian-vector product on quadratic losses, and it keeps "
+              "the loss's nonlinearity along the change, which decides early stages.",
+    "hessian": "That response is a Hessian-vector product at the checkpoint (first order in the change).",
+}
+
+
+def _tier_texts(results: Mapping) -> dict[str, str]:
+    """TIER_TEXT with the exact tier's curvature product and its forward/adjoint choice spelled out."""
+    out = dict(TIER_TEXT)
+    info = (results.get("tiers") or {}).get("exact")
+    if isinstance(info, Mapping):
+        text = TIER_TEXT["exact"] + CURVATURE_TEXT.get(str(info.get("curvature")), "")
+        direction, reason = info.get("direction"), info.get("reason")
+        if direction:
+            text += f" Run as a {direction} propagation, one per stage"
+            text += f": {reason}." if reason else "."
+        out["exact"] = text
+    return out
+
+
 _DECISIONS = {"APPROVED": "approved", "BLOCKED": "blocked", "PENDING": "pending"}
 MINUS = "\u2212"
 
@@ -341,7 +359,9 @@ def _summary_items(results: Mapping, behaviors: list[dict], stage_names: list[st
             else:
                 sentence = f"Removing the {stage} stage would change {b['name']} by {fmt_signed(-eff)}"
             if _diag_trusted(diagnostics, stage, b["name"]) is False:
-                sentence += " (an estimate the diagnostics do not trust)"
+                sentence += (" (an estimate the diagnostics do not trust)" if primary in _FIRST_ORDER else
+                             " (a stage the diagnostics flag: removing it is far from a small change, so check "
+                             "this estimate in the fidelity section)")
             if agreement is None:
                 sentence += "; no retraining result is available to check it."
             else:
@@ -450,7 +470,7 @@ def _stage_view(st: Mapping, i: int) -> dict:
 
 def _scatter(b: Mapping, stage_names: list[str], estimators: list[str], primary: str, n: int) -> Markup | None:
     """Estimate-vs-truth scatter: the primary estimator and the curvature tiers present."""
-    shown = [e for e in estimators if e == primary or e in ("exact", "secant", "spectral")]
+    shown = [e for e in estimators if e == primary or e in TIER_TEXT]
     svg = charts.scatter_chart(b, stage_names, shown, estimators, prefix=f"scatter{n}")
     return Markup(svg) if svg else None
 
@@ -632,7 +652,7 @@ def build_context(results: Mapping, images: Mapping[str, Any] | None = None, *,
         "extremes": _extremes(results, behaviors),
         "truth_source": str(results.get("truth_source") or ""),
         "tiers": [e for e in estimators if e in TIER_TEXT],
-        "tier_text": TIER_TEXT,
+        "tier_text": _tier_texts(results),
         "timeline_chart": Markup(timeline) if timeline else None,
         "heatmap_chart": Markup(heat) if heat else None,
         "diagnostics": diag_rows if diagnostics is not None else None,
