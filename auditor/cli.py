@@ -21,6 +21,11 @@ def _fail(message: str, code: int):
     sys.exit(code)
 
 
+#: AuditConfig fields that a command-line option sets, for error messages.
+_CONFIG_FLAGS = {"config.device": "--device", "config.dtype": "--dtype", "config.tiers": "--tier",
+                 "config.curvature": "--curvature", "config.rank": "--rank"}
+
+
 def handle_errors(fn):
     """One line on stderr and the domain exit code; the traceback only with --debug."""
 
@@ -32,7 +37,11 @@ def handle_errors(fn):
         except (AuditorError, VerificationError, GateFailure) as exc:
             if debug:  # the traceback, and still the domain exit code
                 traceback.print_exc()
-            _fail(str(exc), exc.exit_code)
+            message = str(exc)
+            where = getattr(exc, "where", None)
+            if where in _CONFIG_FLAGS:  # name the option the user typed, not the config field behind it
+                message = f"{_CONFIG_FLAGS[where]}{message[len(where):]}"
+            _fail(message, exc.exit_code)
         except KeyboardInterrupt:
             _fail("interrupted; nothing was written", 130)
         except Exception as exc:  # noqa: BLE001 - the last line of defence of a CLI

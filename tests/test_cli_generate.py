@@ -84,3 +84,11 @@ def test_results_reproducible_under_source_date_epoch(toy, tmp_path, monkeypatch
     for f in ("results.json", "report.html"):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
     assert json.loads((tmp_path / "a" / "results.json").read_text())["generated_at"] == "2023-11-14T22:13:20Z"
+
+
+def test_device_errors_name_the_option(toy, tmp_path):
+    r = gen(toy, tmp_path / "r", "--device", "tpu")
+    assert r.exit_code == 2
+    assert "--device: device 'tpu'; expected 'auto', 'cpu' or 'cuda[:i]'" in r.output
+    assert "config.device" not in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "r").exists()
