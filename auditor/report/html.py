@@ -360,8 +360,8 @@ def _summary_items(results: Mapping, behaviors: list[dict], stage_names: list[st
                 sentence = f"Removing the {stage} stage would change {b['name']} by {fmt_signed(-eff)}"
             if _diag_trusted(diagnostics, stage, b["name"]) is False:
                 sentence += (" (an estimate the diagnostics do not trust)" if primary in _FIRST_ORDER else
-                             " (a stage the diagnostics flag: removing it is far from a small change, so check "
-                             "this estimate in the fidelity section)")
+                             " (the diagnostics flag this stage as far from first order; see the fidelity "
+                             "section)")
             if agreement is None:
                 sentence += "; no retraining result is available to check it."
             else:
