@@ -172,7 +172,11 @@ def _load_private_key(path: Path, passphrase: bytes | None, what: str):
                                where=str(path)) from None
         raise AuditorError(f"{what} is encrypted; give its passphrase (--passphrase-env VAR)", where=str(path)) from None
     except ValueError as e:
-        if "password" in str(e).lower() or "decrypt" in str(e).lower():
+        # A wrong passphrase usually says so, but now and then the wrongly decrypted bytes fail to
+        # parse instead ("Could not deserialize key data"): for an encrypted PEM with a passphrase
+        # given, that is a wrong passphrase too.
+        encrypted = b"-----BEGIN ENCRYPTED PRIVATE KEY-----" in data or b"Proc-Type: 4,ENCRYPTED" in data
+        if "password" in str(e).lower() or "decrypt" in str(e).lower() or (passphrase and encrypted):
             raise AuditorError(f"wrong passphrase for {what}", where=str(path)) from None
         raise AuditorError(f"not a PEM private key ({what})", where=str(path)) from None
 

@@ -141,6 +141,20 @@ def test_encrypted_key_needs_the_right_passphrase(keys):
     assert isinstance(signing.load_signing_key(keys / "private.pem", PASSPHRASE), Ed25519PrivateKey)
 
 
+def test_wrong_passphrase_that_decrypts_to_garbage_is_still_a_wrong_passphrase(keys, monkeypatch):
+    """About 1 wrong passphrase in 200 decrypts without a padding error and then fails to parse:
+    cryptography says "Could not deserialize key data" (seen as a flaky test). Forced here."""
+    def garbage(data, password=None, **kw):
+        raise ValueError("Could not deserialize key data. The data may be in an incorrect format ...")
+    monkeypatch.setattr(signing.serialization, "load_pem_private_key", garbage)
+    with pytest.raises(AuditorError, match="wrong passphrase"):
+        signing.load_signing_key(keys / "private.pem", b"wrong")
+    plain = keys.parent / "plain.pem"
+    plain.write_bytes(b"-----BEGIN PRIVATE KEY-----\nnot base64\n-----END PRIVATE KEY-----\n")
+    with pytest.raises(AuditorError, match="not a PEM private key"):
+        signing.load_signing_key(plain, b"wrong")
+
+
 def test_keygen_cli_without_passphrase(tmp_path, monkeypatch):
     monkeypatch.setattr(signing, "PDF_RSA_BITS", 2048)  # speed; the 3072-bit default is checked above
     r = CliRunner().invoke(keygen, ["--out", str(tmp_path / "k"), "--name", "Grace Hopper"])
