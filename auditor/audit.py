@@ -68,6 +68,17 @@ class AuditConfig:
     spectral_batches: int = 4
 
     def __post_init__(self):
+        if isinstance(self.tiers, str) or not isinstance(self.tiers, (tuple, list)):
+            raise AuditorError(f"tiers {self.tiers!r}; expected a tuple of tier names, e.g. ('exact',)",
+                               where="config.tiers")
+        self.tiers = tuple(self.tiers)
+        for name in ("rank", "spectral_batches"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise AuditorError(f"{name} {v!r}; expected an integer >= 1", where=f"config.{name}")
+        if self.eval_chunk is not None and (isinstance(self.eval_chunk, bool) or not isinstance(self.eval_chunk, int)):
+            raise AuditorError(f"eval_chunk {self.eval_chunk!r}; expected a positive integer or None",
+                               where="config.eval_chunk")
         if self.dtype not in ("float64", "float32"):
             raise AuditorError(f"dtype {self.dtype!r}; expected 'float64' or 'float32'", where="config.dtype")
         if self.eval_chunk is not None and self.eval_chunk < 1:
@@ -367,7 +378,7 @@ def estimate(pipeline: Pipeline | str | Path, config: AuditConfig | None = None,
         "tiers": {t: _tier_info(t, config, schedules, behaviours) for t in tier_embeds},
         "stages": stage_rows,
         "behaviors": behaviours,
-        "summary": _summary(behaviours, primary_name),
+        "summary": _summary(behaviours, primary_name, judged_by_diagnostics(primary_name, config.curvature)),
         "reviewers": pipeline.reviewers,
         "seeds": pipeline.seeds,
         "versions": {"auditor": __version__, "torch": torch.__version__, "numpy": np.__version__,
@@ -438,10 +449,10 @@ def _curvature_embeddings(pipeline, config, model, buffers, names, shapes, sched
 
     batch_loss = make_batch_loss(pipeline, model, buffers, dtype=dtype, device=device)
     ck = make_checkpoint_at(pipeline, schedules, names, shapes, dtype=dtype, device=device)
-    for sch in schedules:
+    for st, sch in list(zip(pipeline.stages, schedules))[1:]:  # the first stage is never a "later" stage
         if sch.batches is None:
-            raise AuditorError("the curvature tier needs each step's batch; expected a 'batch' column",
-                               where=str(pipeline.stages[[x.stage for x in schedules].index(sch.stage)].log))
+            raise AuditorError("the curvature tier needs the batch of every step after the first stage; "
+                               "expected a 'batch' column", where=str(st.log))
     stages = pipeline.stages
     state_cache: dict = {}
 
@@ -552,7 +563,14 @@ def _extreme(b: dict, sign: int, primary: str) -> dict | None:
             "truth_same_stage": agrees}
 
 
-def _summary(behaviours: list[dict], primary: str) -> list[dict]:
+def judged_by_diagnostics(primary: str, curvature: str) -> bool:
+    """Whether the linearization diagnostics speak for the headline estimator: the AA forms and
+    naive, the spectral tier and the exact tier with Hessian products are all first order in the
+    stage's change; the exact tier with the secant product is not (its check is retraining)."""
+    return primary in (*ESTIMATORS, "spectral") or (primary == "exact" and curvature == "hessian")
+
+
+def _summary(behaviours: list[dict], primary: str, judged: bool = True) -> list[dict]:
     """Per behaviour: the most accountable stage (largest |primary effect|), and the stages that
     raised and lowered it most."""
     out = []
@@ -566,7 +584,7 @@ def _summary(behaviours: list[dict], primary: str) -> list[dict]:
                     "effect": eff[stage], "share": b["share"][stage], "truth": b["truth"].get(stage),
                     "truth_same_stage": None if truth_top is None else
                     bool(truth_top == stage and np.sign(b["truth"][stage]) == np.sign(eff[stage])),
-                    # the diagnostics judge the first-order (AA) estimates, not a curvature tier
-                    "trusted": b["diagnostics"][stage]["trusted"] if primary == "shifted" else None,
+                    # the diagnostics judge first-order estimates (see judged_by_diagnostics)
+                    "trusted": b["diagnostics"][stage]["trusted"] if judged else None,
                     "raised_most": _extreme(b, +1, primary), "lowered_most": _extreme(b, -1, primary)})
     return out

@@ -132,6 +132,12 @@ def generate(pipeline, out_dir, formats, page_size, sign_key, passphrase_env, de
     from .generate import generate as run
     from .progress import progress_bar
 
+    ctx = click.get_current_context()
+    given = lambda name: ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT  # noqa: E731
+    if given("curvature") and "exact" not in tiers:
+        raise AuditorError("applies to the exact tier only; add --tier exact", where="--curvature")
+    if given("rank") and "spectral" not in tiers:
+        raise AuditorError("applies to the spectral tier only; add --tier spectral", where="--rank")
     passphrase = None
     if passphrase_env:
         if passphrase_env not in os.environ:
@@ -167,7 +173,8 @@ def _summary_lines(data: dict) -> list[str]:
         truth = f", retraining: {s['truth']:+.4g}" if s.get("truth") is not None else ""
         share = f", {abs(s['share']):.0%} of the total" if s.get("share") is not None else ""
         effect = f"{s['effect']:+.4g}" if s.get("effect") is not None else "n/a"
-        out.append(f"{s['behavior']}: stage {s['stage']!r} {s['direction']} it most ({effect}{share}{truth})")
+        warn = "; not trusted by the diagnostics" if s.get("trusted") is False else ""
+        out.append(f"{s['behavior']}: stage {s['stage']!r} {s['direction']} it most ({effect}{share}{truth}{warn})")
     return out
 
 

@@ -768,3 +768,21 @@ def test_direction_choice_counts_products():
     assert "linear form" in d["reason"]
     assert exact_tier_direction(later, 1, "secant", True)["adjoint_products"] is None
     assert "SGD" in exact_tier_direction(later, 1, "hessian", False)["reason"]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"tiers": "exact"}, "tiers 'exact'; expected a tuple of tier names"),
+    ({"tiers": None}, "tiers None; expected a tuple"),
+    ({"tiers": ("secant",)}, "tier 'secant'; expected any of exact, spectral"),
+    ({"rank": 2.5}, "rank 2.5; expected an integer >= 1"),
+    ({"rank": True}, "rank True; expected an integer >= 1"),
+    ({"spectral_batches": 0}, "expected >= 1"),
+    ({"eval_chunk": 1.5}, "eval_chunk 1.5; expected a positive integer or None"),
+])
+def test_audit_config_refuses_bad_settings(kwargs, message):
+    from auditor import AuditConfig
+    from auditor.errors import AuditorError
+
+    with pytest.raises(AuditorError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+        AuditConfig(**kwargs)
+    assert AuditConfig(tiers=["exact"]).tiers == ("exact",)

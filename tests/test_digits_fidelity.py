@@ -7,8 +7,10 @@ failing figure, not a stale table.
 """
 
 import json
+import shutil
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from click.testing import CliRunner
 
@@ -75,19 +77,44 @@ def test_retrained_truth_matches_the_shipped_counterfactuals(results, tmp_path):
             assert t == pytest.approx(b_old["truth"][s], rel=1e-9, abs=1e-12), (b_new["name"], s)
 
 
-def test_hessian_curvature_is_selectable_and_recorded(tmp_path):
+def test_hessian_curvature_is_selectable_and_recorded(results, tmp_path):
     """--curvature hessian: the exact tier with HVPs at the checkpoints (ESTIMATORS.md §3.2 as
-    written). It still lifts the middle stage far above AA; the report records the choice."""
-    r = CliRunner().invoke(cli, ["generate", str(SAMPLE), "--out", str(tmp_path), "--format", "json", "-q",
-                                 "--tier", "exact", "--curvature", "hessian"])
+    written). It still lifts the middle stage far above AA; the report records the choice. Being
+    first order in the change, its headline estimates are judged by the diagnostics (the first
+    stage's are not trusted, and the console says so), unlike the secant's.
+
+    Run on a copy of the sample whose first-stage log has no batch column: the tiers need the
+    batches of later steps only."""
+    work = tmp_path / "digits"
+    shutil.copytree(SAMPLE.parent, work)
+    log = work / "artifacts" / "pretrain_log.csv"
+    df = pd.read_csv(log)
+    df.drop(columns=["batch"]).to_csv(log, index=False)
+    r = CliRunner().invoke(cli, ["generate", str(work / "pipeline.yaml"), "--out", str(tmp_path / "o"),
+                                 "--format", "json", "--no-build", "--tier", "exact", "--curvature", "hessian"])
     assert r.exit_code == 0, r.output
-    res = json.loads((tmp_path / "results.json").read_text())
+    res = json.loads((tmp_path / "o" / "results.json").read_text())
     assert res["tiers"]["exact"]["curvature"] == "hessian"
     assert res["tiers"]["exact"]["adjoint_products"] > res["tiers"]["exact"]["forward_products"]
     assert fid(res)["finetune"]["exact"]["pearson"] >= 0.95
+    first = {s["behavior"]: s for s in res["summary"]}
+    assert all(s["trusted"] is False for s in first.values() if s["stage"] == "pretrain")
+    assert "not trusted by the diagnostics" in r.output
+    # the secant's headline is not judged by the first-order diagnostics
+    assert all(s["trusted"] is None for s in results["summary"])
 
 
 def test_bad_curvature_is_a_usage_error(tmp_path):
     r = CliRunner().invoke(cli, ["generate", str(SAMPLE), "--out", str(tmp_path), "--curvature", "newton"])
     assert r.exit_code == 2 and "newton" in r.output
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--curvature", "hessian"], "--curvature: applies to the exact tier only; add --tier exact"),
+    (["--rank", "5", "--tier", "exact"], "--rank: applies to the spectral tier only; add --tier spectral"),
+])
+def test_tier_options_without_their_tier_are_refused(tmp_path, args, message):
+    r = CliRunner().invoke(cli, ["generate", str(SAMPLE), "--out", str(tmp_path / "o"), *args])
+    assert r.exit_code == 2 and message in r.output
+    assert not (tmp_path / "o").exists()

@@ -311,8 +311,17 @@ def _diag_trusted(diagnostics: Mapping | None, stage: str | None, behavior: str)
     return None if not isinstance(d, Mapping) or d.get("trusted") is None else bool(d["trusted"])
 
 
+def _judged(results: Mapping, primary: str) -> bool:
+    """Whether the diagnostics' verdict applies to the headline estimator (first order in the change);
+    the exact tier with the secant product is not (see auditor.audit.judged_by_diagnostics)."""
+    exact = (results.get("tiers") or {}).get("exact")
+    curvature = exact.get("curvature") if isinstance(exact, Mapping) else None
+    return primary in (*_FIRST_ORDER, "spectral") or (primary == "exact" and curvature == "hessian")
+
+
 def _summary_items(results: Mapping, behaviors: list[dict], stage_names: list[str], primary: str,
                    diagnostics: Mapping | None) -> list[dict]:
+    judged = _judged(results, primary)
     given = {}
     for entry in results.get("summary") or []:
         if isinstance(entry, Mapping) and entry.get("stage") in stage_names:
@@ -358,10 +367,12 @@ def _summary_items(results: Mapping, behaviors: list[dict], stage_names: list[st
                             f"from {fmt_num(factual)} to {fmt_num(factual - eff)} ({fmt_signed(-eff)})")
             else:
                 sentence = f"Removing the {stage} stage would change {b['name']} by {fmt_signed(-eff)}"
-            if _diag_trusted(diagnostics, stage, b["name"]) is False:
-                sentence += (" (an estimate the diagnostics do not trust)" if primary in _FIRST_ORDER else
-                             " (the diagnostics flag this stage as far from first order; see the fidelity "
-                             "section)")
+            flagged = _diag_trusted(diagnostics, stage, b["name"]) is False
+            if flagged and judged:
+                sentence += " (an estimate the diagnostics do not trust)"
+            elif flagged:
+                sentence += (" (the diagnostics flag this stage as far from first order: the "
+                             f"{primary} estimator models that, and the fidelity section checks it)")
             if agreement is None:
                 sentence += "; no retraining result is available to check it."
             else:
@@ -375,17 +386,19 @@ def _summary_items(results: Mapping, behaviors: list[dict], stage_names: list[st
             "behavior": b["name"], "stage": stage, "direction": direction, "effect": fmt_signed(eff),
             "estimator": est or "\u2014", "share": fmt_pct(share), "truth": fmt_signed(truth),
             "agrees": agreement, "sentence": sentence,
-            "trusted": _diag_trusted(diagnostics, stage, b["name"]),
+            "trusted": _diag_trusted(diagnostics, stage, b["name"]) if judged else None,
         })
     return items
 
 
 def _first_stage_fidelity(behaviors: list[dict], stage_names: list[str]) -> dict | None:
-    """The range of per-example Pearson correlations on the first stage, over estimators and behaviours."""
+    """The range of per-example Pearson correlations on the first stage, over the first-order
+    estimators (naive and the AA forms) and behaviours."""
     if not stage_names:
         return None
     vals = [_num(m.get("pearson")) for b in behaviors
-            for m in ((b.get("fidelity") or {}).get(stage_names[0]) or {}).values() if isinstance(m, Mapping)]
+            for e, m in ((b.get("fidelity") or {}).get(stage_names[0]) or {}).items()
+            if isinstance(m, Mapping) and e in _FIRST_ORDER]
     vals = [v for v in vals if v is not None]
     if not vals:
         return None
