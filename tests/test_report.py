@@ -437,3 +437,20 @@ def test_ids_are_unique_and_every_internal_reference_resolves(html):
     assert len(ids) == len(set(ids))
     refs = set(re.findall(r'href="#([^"]+)"', html)) | set(re.findall(r"url\(#([^)]+)\)", html))
     assert refs and refs <= set(ids)
+
+
+def test_sign_agreement_just_below_70_percent_does_not_read_as_70(results):
+    """The fidelity table shades sign agreement below 70 %; 0.698 must not print as "70%" beside the shading."""
+    r = trimmed(results, keep=1)
+    b = r["behaviors"][0]
+    stage = next(iter(b["fidelity"]))
+    est = next(iter(b["fidelity"][stage]))
+    b["fidelity"][stage][est]["sign_agreement"] = 0.698
+    row = next(x for x in build_context(r)["behaviors"][0]["fidelity"] if x["stage"] == stage and x["estimator"] == est)
+    assert row["sign_agreement"] == "69.8%" and row["weak_s"] is True
+    b["fidelity"][stage][est]["sign_agreement"] = 0.69996
+    row = next(x for x in build_context(r)["behaviors"][0]["fidelity"] if x["stage"] == stage and x["estimator"] == est)
+    assert row["sign_agreement"] == "69.9%"
+    b["fidelity"][stage][est]["sign_agreement"] = 0.7
+    row = next(x for x in build_context(r)["behaviors"][0]["fidelity"] if x["stage"] == stage and x["estimator"] == est)
+    assert row["sign_agreement"] == "70%" and row["weak_s"] is False

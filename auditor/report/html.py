@@ -589,7 +589,9 @@ def build_context(results: Mapping, images: Mapping[str, Any] | None = None, *,
                 fid_rows.append({
                     "stage": s, "estimator": e, "primary": e == primary,
                     "pearson": fmt_ratio(p), "spearman": fmt_ratio(m.get("spearman")),
-                    "sign_agreement": fmt_pct(sa, signed=False),
+                    # below the 70 % threshold must not read as 70 % (0.698 -> "69.8%")
+                    "sign_agreement": (f"{math.floor(1000 * sa) / 10:.1f}%" if sa is not None and 0.695 <= sa < 0.7
+                                       else fmt_pct(sa, signed=False)),
                     "abs_error": fmt_num(m.get("abs_error")), "rel_error": fmt_pct(m.get("rel_error"), signed=False),
                     "weak_p": p is not None and p < 0.5, "weak_s": sa is not None and sa < 0.7,
                 })
