@@ -23,7 +23,7 @@ from .behaviors import EvalData, aggregate, data_key, kind_fn, load_eval_source,
 from .checkpoints import load_momentum, load_params, load_tensors
 from .errors import AuditorError
 from .estimators import ESTIMATORS, axpy, embedding
-from .fidelity import compare
+from .fidelity import compare, judged_by_diagnostics
 from .jsonsafe import sanitize, sha256_file
 from .pipeline import Pipeline, call_user, load_pipeline
 from .propagation import propagation_coefficients
@@ -561,13 +561,6 @@ def _extreme(b: dict, sign: int, primary: str) -> dict | None:
         agrees = bool(t_stage == stage and sign * b["truth"][stage] > 0)
     return {"stage": stage, "effect": eff[stage], "share": b["share"][stage], "truth": b["truth"].get(stage),
             "truth_same_stage": agrees}
-
-
-def judged_by_diagnostics(primary: str, curvature: str) -> bool:
-    """Whether the linearization diagnostics speak for the headline estimator: the AA forms and
-    naive, the spectral tier and the exact tier with Hessian products are all first order in the
-    stage's change; the exact tier with the secant product is not (its check is retraining)."""
-    return primary in (*ESTIMATORS, "spectral") or (primary == "exact" and curvature == "hessian")
 
 
 def _summary(behaviours: list[dict], primary: str, judged: bool = True) -> list[dict]:

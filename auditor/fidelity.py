@@ -46,3 +46,14 @@ def compare(est: np.ndarray, truth: np.ndarray, est_agg: float, truth_agg: float
         "abs_error": abs_err,
         "rel_error": abs_err / abs(truth_agg) if truth_agg != 0 else None,
     }
+
+
+#: Estimates that are first order in the stage's change: naive and the AA forms.
+FIRST_ORDER = ("naive", "linear", "midpoint", "shifted")
+
+
+def judged_by_diagnostics(primary: str, curvature: str | None) -> bool:
+    """Whether the linearization diagnostics speak for the headline estimator: naive, the AA forms,
+    the spectral tier and the exact tier with Hessian products are first order in the stage's
+    change; the exact tier with the secant product is not (its check is retraining)."""
+    return primary in (*FIRST_ORDER, "spectral") or (primary == "exact" and curvature == "hessian")

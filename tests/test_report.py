@@ -454,3 +454,37 @@ def test_sign_agreement_just_below_70_percent_does_not_read_as_70(results):
     b["fidelity"][stage][est]["sign_agreement"] = 0.7
     row = next(x for x in build_context(r)["behaviors"][0]["fidelity"] if x["stage"] == stage and x["estimator"] == est)
     assert row["sign_agreement"] == "70%" and row["weak_s"] is False
+
+
+@pytest.mark.parametrize("curvature, judged", [("secant", False), ("hessian", True), (None, False)])
+def test_diagnostics_verdict_follows_the_headline_estimator(results, curvature, judged):
+    """The diagnostics judge first-order estimates: with the exact tier's secant product as the
+    headline, the summary carries no 'not trusted' mark (the Diagnostics section says why); with
+    the Hessian product (first order in the change) it does, as for AA."""
+    r = trimmed(results, keep=1)
+    b = r["behaviors"][0]
+    for s in b["effects"]:
+        b["effects"][s]["exact"] = b["effects"][s]["shifted"]
+        b["per_example"]["effects"][s]["exact"] = b["per_example"]["effects"][s]["shifted"]
+    r["estimators"] = [*r["estimators"], "exact"]
+    r["primary_estimator"] = "exact"
+    r["tiers"] = {"exact": {"curvature": curvature}} if curvature else {}
+    ctx = build_context(r)
+    assert ctx["judged"] is judged
+    flagged = [s for s, d in r["diagnostics"].items() if d[b["name"]]["trusted"] is False]
+    assert flagged, "the fixture must flag a stage for this test to mean anything"
+    item = ctx["summary"][0]
+    if item["stage"] in flagged:
+        assert (item["trusted"] is False) is judged
+    html = render_html(r)
+    assert ("These checks judge the first-order (AA) estimates" in html) is (not judged)
+
+
+def test_scatter_without_per_example_values_is_left_out(results):
+    """A headline estimator listed without per-example values (e.g. results trimmed by hand) must not
+    break the fidelity scatter (matplotlib refuses a legend of 0 columns)."""
+    r = trimmed(results, keep=1)
+    b = r["behaviors"][0]
+    for s in b["per_example"]["effects"]:
+        b["per_example"]["effects"][s] = {}
+    assert "<svg" not in "".join(str(x) for x in [build_context(r)["behaviors"][0].get("scatter")])

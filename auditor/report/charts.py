@@ -333,6 +333,9 @@ def scatter_chart(behavior: dict, stage_names: list[str], estimators: list[str],
             ax.set_xlabel("retraining truth", fontsize=6.5)
             ax.tick_params(labelsize=6)
         axes[0][0].set_ylabel("estimate", fontsize=6.5)
+        if not handles:  # no estimator has per-example values: nothing to plot against the truth
+            plt.close(fig)
+            return None
         fig.legend(handles=list(handles.values()), loc="upper center", ncol=len(handles), frameon=False,
                    bbox_to_anchor=(0.5, 1.0), markerscale=3)
     return to_svg(fig, prefix)

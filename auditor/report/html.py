@@ -24,6 +24,7 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from markupsafe import Markup
 
 from auditor.errors import AuditorError
+from auditor.fidelity import FIRST_ORDER, judged_by_diagnostics
 from auditor.jsonsafe import sanitize  # re-exported as auditor.report.sanitize
 
 from . import charts
@@ -52,8 +53,6 @@ SECTION_IDS = frozenset(s for s, _ in SECTIONS)
 # Forms tried, in order, when the primary estimator has no value (e.g. linear on accuracy).
 # The naive checkpoint difference is a baseline, never a fallback.
 _FALLBACK = ("shifted", "midpoint", "linear")
-#: The estimators the diagnostics judge directly (first order along the stage embedding).
-_FIRST_ORDER = ("naive", "linear", "midpoint", "shifted")
 TOP_K = 5
 #: Plain-words descriptions of the curvature-aware estimators (ESTIMATORS.md 3.2), when present.
 TIER_TEXT = {
@@ -312,11 +311,9 @@ def _diag_trusted(diagnostics: Mapping | None, stage: str | None, behavior: str)
 
 
 def _judged(results: Mapping, primary: str) -> bool:
-    """Whether the diagnostics' verdict applies to the headline estimator (first order in the change);
-    the exact tier with the secant product is not (see auditor.audit.judged_by_diagnostics)."""
+    """Whether the diagnostics' verdict applies to the headline estimator (first order in the change)."""
     exact = (results.get("tiers") or {}).get("exact")
-    curvature = exact.get("curvature") if isinstance(exact, Mapping) else None
-    return primary in (*_FIRST_ORDER, "spectral") or (primary == "exact" and curvature == "hessian")
+    return judged_by_diagnostics(primary, exact.get("curvature") if isinstance(exact, Mapping) else None)
 
 
 def _summary_items(results: Mapping, behaviors: list[dict], stage_names: list[str], primary: str,
@@ -398,7 +395,7 @@ def _first_stage_fidelity(behaviors: list[dict], stage_names: list[str]) -> dict
         return None
     vals = [_num(m.get("pearson")) for b in behaviors
             for e, m in ((b.get("fidelity") or {}).get(stage_names[0]) or {}).items()
-            if isinstance(m, Mapping) and e in _FIRST_ORDER]
+            if isinstance(m, Mapping) and e in FIRST_ORDER]
     vals = [v for v in vals if v is not None]
     if not vals:
         return None
@@ -660,6 +657,7 @@ def build_context(results: Mapping, images: Mapping[str, Any] | None = None, *,
         "dtype": str(results.get("dtype") or "\u2014"),
         "estimators": estimators,
         "primary": primary,
+        "judged": _judged(results, primary),  # the diagnostics' verdict applies to the headline estimator
         "stages": stages,
         "behaviors": bviews,
         "summary": _summary_items(results, behaviors, stage_names, primary, diagnostics),
