@@ -17,6 +17,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from . import __version__
 from .behaviors import EvalData, aggregate, data_key, kind_fn, load_eval_source, logits_fn, subset_mask
@@ -307,8 +308,9 @@ def estimate(pipeline: Pipeline | str | Path, config: AuditConfig | None = None,
             shifts = {"naive": deltas[k], "shifted": e, **{t: es[k] for t, es in tier_embeds.items()}}
             z_cf = {name: timed(name, lambda d=d: _no_grad(z, axpy(theta_T, d, -1.0))) for name, d in shifts.items()}
             duals = {}
-            if any_diff:
+            if any_diff or any(b.kind == "accuracy" for _, b, _, _ in grp["members"]):
                 duals["linear"] = timed("linear", lambda: torch.func.jvp(z, (theta_T,), (e,)))
+            if any_diff:
                 duals["midpoint"] = timed("midpoint", lambda: torch.func.jvp(z, (axpy(theta_T, e, -0.5),), (e,)))
             z_truth = _no_grad(z, cf_params[s.name]) if s.name in cf_params else None
             for i, b, mask, g in grp["members"]:
@@ -325,6 +327,12 @@ def estimate(pipeline: Pipeline | str | Path, config: AuditConfig | None = None,
                         forms[name] = None
                 o["effects"][s.name] = forms
                 o["truth"][s.name] = None if z_truth is None else o["f_T"] - g(z_truth[mask])
+                if b.kind == "accuracy":
+                    # accuracy has no gradient: judge its linearity by the cross-entropy of the same
+                    # examples (the loss accuracy discretises), linear against shifted form
+                    o.setdefault("proxy", {})[s.name] = _loss_proxy(z_T[mask], z_cf["shifted"][mask],
+                                                                    *duals["linear"], mask, grp["data"].y[mask],
+                                                                    b.aggregate)
         for i, b, mask, g in grp["members"]:
             o = out[i]
             o["data"] = EvalData(x=grp["data"].x[mask], y=grp["data"].y[mask], ids=grp["data"].ids[mask.cpu()])
@@ -359,7 +367,7 @@ def estimate(pipeline: Pipeline | str | Path, config: AuditConfig | None = None,
             "factual": aggregate(f_T, b.aggregate), "effects": effects, "truth": truth,
             "share": {s: (v / total if total > 0 else 0.0) for s, v in primary.items()},
             "fidelity": fid, "per_example": per_ex,
-            "diagnostics": _diagnostics(effects, stage_rows),
+            "diagnostics": _diagnostics(effects, stage_rows, o.get("proxy")),
         })
         if b.image_shape is not None:
             images[b.name] = data.x.detach().cpu().double().reshape(len(data.y), *b.image_shape[-2:]).numpy()
@@ -505,7 +513,17 @@ def _curvature_embeddings(pipeline, config, model, buffers, names, shapes, sched
     return out, times
 
 
-def _diagnostics(effects: dict, stage_rows: list[dict]) -> dict:
+def _loss_proxy(z_T: torch.Tensor, z_shifted: torch.Tensor, z_lin_at: torch.Tensor, z_lin_dot: torch.Tensor,
+                mask: torch.Tensor, y: torch.Tensor, how: str) -> tuple[float, float]:
+    """(linear, shifted) AA estimates of the cross-entropy on a behaviour's own examples: the
+    stand-in for a non-differentiable behaviour's linear–shifted gap. Logits [n, C]; z_lin_* are
+    the group's (z, J_z e) at θ_T, masked here."""
+    loss = lambda zz: F.cross_entropy(zz, y, reduction="none")  # noqa: E731
+    lin = torch.func.jvp(loss, (z_lin_at[mask].detach(),), (z_lin_dot[mask].detach(),))[1]
+    return aggregate(lin, how), aggregate(loss(z_T) - loss(z_shifted), how)
+
+
+def _diagnostics(effects: dict, stage_rows: list[dict], proxy: dict | None = None) -> dict:
     """Linearization diagnostics per stage, computed without retraining.
 
     linear_shifted_gap: |τ̂ − τ̃| / (|τ̂| + |τ̃|) on the aggregate (0 when f is linear along e_k);
@@ -518,12 +536,18 @@ def _diagnostics(effects: dict, stage_rows: list[dict]) -> dict:
     ``trusted`` is the verdict on the headline (shifted) estimate; ``trusted_linear`` on the linear
     and midpoint forms, which also need f to be close to linear along e_k. The last stage has no
     later steps, so its embedding is exact (α = 1, β = 0) and its shifted estimate is exact.
+    ``proxy`` {stage: (linear, shifted)}: for a behaviour without a gradient (accuracy), the gap is
+    taken on the cross-entropy of the same examples (``gap_source`` says so).
     """
     out = {}
     last = stage_rows[-1]["name"]
     for row in stage_rows:
         e = effects[row["name"]]
         lin, sh = e.get("linear"), e["shifted"]
+        source = "the behaviour"
+        if lin is None and proxy and row["name"] in proxy:
+            lin, sh = proxy[row["name"]]
+            source = "cross-entropy of the same examples"
         gap = abs(lin - sh) / (abs(lin) + abs(sh)) if lin is not None and (abs(lin) + abs(sh)) > 0 else None
         motion = row["later_motion_norm"] / row["delta_norm"] if row["delta_norm"] > 0 else 0.0
         disp = row["embedding_norm"] / row["weight_norm"] if row["weight_norm"] > 0 else 0.0
@@ -531,7 +555,8 @@ def _diagnostics(effects: dict, stage_rows: list[dict]) -> dict:
         reasons = []
         gap_bad = gap is not None and gap > TRUST_GAP
         if gap_bad:
-            reasons.append(f"linear and shifted forms differ by {gap:.0%} (nonlinear along the embedding)")
+            on = "" if source == "the behaviour" else f" on the {source}"
+            reasons.append(f"linear and shifted forms differ by {gap:.0%}{on} (nonlinear along the embedding)")
         if not exact and disp > TRUST_DISPLACEMENT:
             reasons.append(f"removing the stage moves the weights by {disp:.0%} of their norm "
                            "(far from the first-order regime)")
@@ -541,7 +566,8 @@ def _diagnostics(effects: dict, stage_rows: list[dict]) -> dict:
         headline_ok = exact or not reasons
         if exact:
             reasons.insert(0, "last stage: the shifted estimate is exact")
-        out[row["name"]] = {"linear_shifted_gap": gap, "relative_displacement": disp, "later_motion": motion,
+        out[row["name"]] = {"linear_shifted_gap": gap, "gap_source": source if gap is not None else None,
+                            "relative_displacement": disp, "later_motion": motion,
                             "exact": exact, "trusted": headline_ok, "trusted_linear": headline_ok and not gap_bad,
                             "reason": "; ".join(reasons)}
     return out

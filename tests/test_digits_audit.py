@@ -51,3 +51,17 @@ def test_diagnostics_flag_the_first_stage(results):
     first = results["stages"][0]["name"]
     for b in results["behaviors"]:
         assert b["diagnostics"][first]["trusted"] is False, b["name"]
+
+
+def test_accuracy_gets_the_gap_of_the_cross_entropy_on_its_examples(results):
+    """Accuracy has no gradient, so its linear–shifted gap is taken on the cross-entropy of the same
+    examples. clean_test_accuracy and clean_test_loss read the same 597 examples with a mean, so the
+    two gaps must be the same numbers; and the finetune stage, whose loss is far from linear along
+    its embedding, is no longer 'trusted' for accuracy either."""
+    b = {x["name"]: x for x in results["behaviors"]}
+    acc, loss = b["clean_test_accuracy"]["diagnostics"], b["clean_test_loss"]["diagnostics"]
+    for stage in acc:
+        assert acc[stage]["gap_source"] == "cross-entropy of the same examples"
+        assert loss[stage]["gap_source"] == "the behaviour"
+        assert acc[stage]["linear_shifted_gap"] == pytest.approx(loss[stage]["linear_shifted_gap"], rel=1e-9)
+    assert acc["finetune"]["trusted"] is False and "cross-entropy" in acc["finetune"]["reason"]
