@@ -30,6 +30,7 @@ import pytest
 import torch
 
 from auditor import curvature as cv
+from auditor.propagation import stage_product_reference
 from auditor.steplog import StageSchedule
 
 DT = torch.float64
@@ -237,6 +238,15 @@ def boundary(stages, k, traj, states, like):
     return delta, dm
 
 
+def removal(model, stages, k):
+    """Brute force for removing stage k: (truth θ_T − θ_T^(−k), Δ_k, δm_{b_k}, factual trajectory,
+    factual optimizer states), by retraining with and without the stage."""
+    theta_T, traj, states = retrain(model.theta0, stages, model)
+    theta_cf, _, _ = retrain(model.theta0, stages, model, skip=stages[k].stage)
+    delta, dm = boundary(stages, k, traj, states, model.theta0)
+    return sub(theta_T, theta_cf), delta, dm, traj, states
+
+
 def ckpt_fn(traj, steps=None):
     """checkpoint_at over the recorded steps (all steps of traj when None): nearest at or before t."""
     keys = sorted(traj) if steps is None else sorted(steps)
@@ -292,10 +302,7 @@ def test_exact_sgd_equals_retraining(k):
     carries; HVPs at stage-boundary checkpoints only (exact on a quadratic)."""
     model = LinearMSE(seed=3)
     stages = sgd_scenario(model)
-    theta_T, traj, states = retrain(model.theta0, stages, model)
-    theta_cf, _, _ = retrain(model.theta0, stages, model, skip=stages[k].stage)
-    truth = sub(theta_T, theta_cf)
-    delta, dm = boundary(stages, k, traj, states, model.theta0)
+    truth, delta, dm, traj, states = removal(model, stages, k)
     at = ckpt_fn(traj, [st.first_step for st in stages])
     counter = cv.HVPCounter()
     e = cv.propagate_exact(delta, dm, stages[k + 1:], model, at, counter=counter)
@@ -310,11 +317,9 @@ def test_exact_sgd_carry_momentum_matters():
     """Dropping δm under a carry (treating it as a reset) breaks the exactness: δm is used."""
     model = LinearMSE(seed=4)
     stages = sgd_scenario(model)
-    theta_T, traj, states = retrain(model.theta0, stages, model)
-    theta_cf, _, _ = retrain(model.theta0, stages, model, skip="pre")
-    delta, dm = boundary(stages, 0, traj, states, model.theta0)
+    truth, delta, dm, traj, states = removal(model, stages, 0)
     e_wrong = cv.propagate_exact(delta, None, stages[1:], model, ckpt_fn(traj))
-    assert rel_err(e_wrong, sub(theta_T, theta_cf)) > 1e-3
+    assert rel_err(e_wrong, truth) > 1e-3
 
 
 @pytest.mark.parametrize("k", [0, 1, 2])
@@ -323,10 +328,7 @@ def test_exact_adamw_secant_equals_retraining(k):
     through an AdamW reset and carries (counterfactual state = the state at a_k)."""
     model = LinearMSE(seed=5)
     stages = adamw_scenario(model)
-    theta_T, traj, states = retrain(model.theta0, stages, model)
-    theta_cf, _, _ = retrain(model.theta0, stages, model, skip=stages[k].stage)
-    truth = sub(theta_T, theta_cf)
-    delta, dm = boundary(stages, k, traj, states, model.theta0)
+    truth, delta, dm, traj, states = removal(model, stages, k)
     e = cv.propagate_exact(delta, dm, stages[k + 1:], model, ckpt_fn(traj),
                            optimizer_state_at_stage_start=optstate_fn(states),
                            cf_optimizer_state=states[("start", stages[k].stage)])
@@ -340,12 +342,10 @@ def test_exact_adamw_sparse_checkpoints_is_an_approximation():
     """With boundary checkpoints only the factual gradient is approximate: finite, close, not exact."""
     model = LinearMSE(seed=5)
     stages = adamw_scenario(model)
-    theta_T, traj, states = retrain(model.theta0, stages, model)
-    theta_cf, _, _ = retrain(model.theta0, stages, model, skip="a1")
-    delta, dm = boundary(stages, 1, traj, states, model.theta0)
+    truth, delta, dm, traj, states = removal(model, stages, 1)
     e = cv.propagate_exact(delta, dm, stages[2:], model, ckpt_fn(traj, [0, 3, 7, 11]),
                            optimizer_state_at_stage_start=optstate_fn(states), cf_optimizer_state=None)
-    err = rel_err(e, sub(theta_T, theta_cf))
+    err = rel_err(e, truth)
     assert np.isfinite(err) and err < 0.5
 
 
@@ -468,10 +468,7 @@ def test_spectral_full_rank_constant_hessian_equals_retraining(cuts):
     stages = _const_quadratic_stages(model, [8, 8], later_kw=[
         dict(reset=False, zero_momentum=[(1, None), (3, 1)], wd=(0.01, 0.1)),
         dict(nesterov=True, wd=(0.01, 0.1))])
-    theta_T, traj, states = retrain(model.theta0, stages, model)
-    theta_cf, _, _ = retrain(model.theta0, stages, model, skip="pre")
-    truth = sub(theta_T, theta_cf)
-    delta, dm = boundary(stages, 0, traj, states, model.theta0)
+    truth, delta, dm, traj, states = removal(model, stages, 0)
     counter = cv.HVPCounter()
     e = cv.propagate_spectral(delta, dm, stages[1:], model, ckpt_fn(traj, [0, 4, 12]), cuts,
                               rank=model.n, counter=counter)
@@ -616,7 +613,8 @@ def test_spectral_adam_preconditioner_estimate():
 
 
 def test_spectral_rank0_is_aa():
-    """Rank 0: each group by the product of the §3.1 2×2 matrices, e = αΔ + βδm (written out here)."""
+    """Rank 0: each group by the product of the §3.1 2×2 matrices, e = αΔ + βδm (the step-by-step
+    reference product of auditor.propagation, explicit matrices, not the spectral code path)."""
     model = LinearMSE(seed=9)
     stages = sgd_scenario(model)
     rng = np.random.default_rng(5)
@@ -632,20 +630,8 @@ def test_spectral_rank0_is_aa():
             if st.reset:
                 M = np.diag([1.0, 0.0]) @ M
             gname = st.param_group.get(name)
-            for i in range(st.n_steps):
-                if gname is None:
-                    continue
-                c = st.groups.index(gname)
-                eta, mu, lam = st.lr[i, c], st.momentum[i, c], st.weight_decay[i, c]
-                if st.optimizer == "adamw":
-                    A = np.array([[1 - eta * lam, 0], [0, 0]])
-                elif mu == 0:
-                    A = np.array([[1 - eta * lam, 0], [0, 1]])
-                elif st.nesterov:
-                    A = np.array([[1 - eta * lam * (1 + mu), -eta * mu ** 2], [lam, mu]])
-                else:
-                    A = np.array([[1 - eta * lam, -eta * mu], [lam, mu]])
-                M = A @ M
+            if gname is not None:  # a parameter outside the stage's groups is frozen: identity
+                M = stage_product_reference(st, gname) @ M
         alpha, beta = M[0]
         assert torch.allclose(e[name], alpha * delta[name] + beta * dm[name], rtol=1e-12, atol=1e-14)
 
@@ -700,12 +686,10 @@ def test_secant_sgd_equals_retraining_on_quadratic(k):
     and retraining, with stage-boundary checkpoints only."""
     model = LinearMSE(seed=3)
     stages = sgd_scenario(model)
-    theta_T, traj, states = retrain(model.theta0, stages, model)
-    theta_cf, _, _ = retrain(model.theta0, stages, model, skip=stages[k].stage)
-    delta, dm = boundary(stages, k, traj, states, model.theta0)
+    truth, delta, dm, traj, states = removal(model, stages, k)
     at = ckpt_fn(traj, [st.first_step for st in stages])
     e = cv.propagate_exact(delta, dm, stages[k + 1:], model, at, curvature="secant")
-    assert rel_err(e, sub(theta_T, theta_cf)) < 1e-6
+    assert rel_err(e, truth) < 1e-6
 
 
 @pytest.mark.parametrize("k", [0, 1])
@@ -716,10 +700,7 @@ def test_secant_sgd_with_every_checkpoint_is_retraining_on_a_nonquadratic(k):
     form keeps."""
     model = TanhMLP(seed=7)
     stages = sgd_scenario(model)
-    theta_T, traj, states = retrain(model.theta0, stages, model)
-    theta_cf, _, _ = retrain(model.theta0, stages, model, skip=stages[k].stage)
-    truth = sub(theta_T, theta_cf)
-    delta, dm = boundary(stages, k, traj, states, model.theta0)
+    truth, delta, dm, traj, states = removal(model, stages, k)
     e = cv.propagate_exact(delta, dm, stages[k + 1:], model, ckpt_fn(traj), curvature="secant")
     assert rel_err(e, truth) < 1e-6
     e_hvp = cv.propagate_exact(delta, dm, stages[k + 1:], model, ckpt_fn(traj))
@@ -729,13 +710,11 @@ def test_secant_sgd_with_every_checkpoint_is_retraining_on_a_nonquadratic(k):
 def test_secant_adamw_equals_retraining_on_quadratic():
     model = LinearMSE(seed=5)
     stages = adamw_scenario(model)
-    theta_T, traj, states = retrain(model.theta0, stages, model)
-    theta_cf, _, _ = retrain(model.theta0, stages, model, skip=stages[1].stage)
-    delta, dm = boundary(stages, 1, traj, states, model.theta0)
+    truth, delta, dm, traj, states = removal(model, stages, 1)
     e = cv.propagate_exact(delta, dm, stages[2:], model, ckpt_fn(traj), curvature="secant",
                            optimizer_state_at_stage_start=optstate_fn(states),
                            cf_optimizer_state=states[("start", stages[1].stage)])
-    assert rel_err(e, sub(theta_T, theta_cf)) < 1e-6
+    assert rel_err(e, truth) < 1e-6
 
 
 # --------------------------------------------------------------------------------------------
